@@ -1,0 +1,196 @@
+"""Per-dimension standardisation of augmentation parameters with fitted or tracked statistics.
+
+Replaces the hard-coded dataset constants of the reference code (STAR_METHOD.md, "Augmentation
+parameters"): the mean / std live in buffers (saved in the state_dict), and are either tracked
+while training, fitted once, or set from published constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from star_heads import distributed as _dist
+from star_heads._checks import check_float_tensor, check_positive_int
+
+__all__ = ["STL10_PARAM_MEAN", "STL10_PARAM_STD", "AugParamNormalizer"]
+
+#: Published STL10 mean of the 11-D STAR parameter vector (STAR_METHOD.md). Order: crop top, crop
+#: left, crop height, crop width (PIXELS of the 96x96 STL10 source image), horizontal flip {0,1},
+#: brightness, contrast, saturation, hue factors, grayscale {0,1}, blur sigma.
+STL10_PARAM_MEAN: tuple[float, ...] = (
+    13.0968, 13.1474, 69.8042, 69.7284, 0.4986, 1.00169, 0.99847, 0.99962, -9.05e-5, 0.2066, 0.53593,
+)
+#: Published STL10 std of the 11-D STAR parameter vector (same order and units as the mean).
+STL10_PARAM_STD: tuple[float, ...] = (
+    11.5036, 11.3602, 14.5891, 14.5419, 0.5000, 0.20763, 0.20505, 0.20647, 0.051809, 0.40487, 0.65824,
+)
+
+
+class AugParamNormalizer(nn.Module):
+    """Standardises parameter vectors per dimension: ``(a - mean) / std``.
+
+    Statistics (population mean / variance, float64 buffers ``running_mean``, ``running_var``
+    and an int64 ``num_samples``) are updated in training mode when ``track_running_stats``:
+
+    * ``momentum=None``: the exact cumulative mean / variance of every row seen so far (Chan's
+      parallel merge, float64);
+    * ``momentum=m``: an exponential moving average ``s <- (1 - m) s + m s_batch``; the first
+      batch initialises the statistics.
+
+    The batch is standardised with the statistics *after* the update. In eval mode (or with
+    ``track_running_stats=False``) the stored statistics are used unchanged. Before any data
+    the normaliser is the identity (mean 0, std 1).
+
+    Dimensions whose std is ``<= eps`` (e.g. a flag that was never set) are only centred (scale
+    1, as sklearn's StandardScaler), so they never produce NaN/Inf.
+
+    Distributed: when torch.distributed is initialised and ``sync_distributed`` is True, the
+    batch statistics are all-reduced (float64 sums) before the update, so every rank holds the
+    statistics of the concatenated global batch, equal to a single process seeing it all.
+
+    Note: ``module.float()`` / ``.half()`` cast the float64 buffers like any buffer; updates are
+    still computed in float64.
+
+    Args:
+        dim: Width of the parameter vector (11 for the STAR encoding; 4 for a quaternion latent).
+        momentum: None for exact cumulative statistics, or an EMA factor in (0, 1].
+        eps: Std threshold below which a dimension is not scaled.
+        track_running_stats: Update statistics in training mode.
+        sync_distributed: All-reduce batch statistics across ranks when distributed.
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_samples: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        momentum: float | None = None,
+        eps: float = 1e-6,
+        track_running_stats: bool = True,
+        sync_distributed: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = check_positive_int(dim, "dim")
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+            raise ValueError(f"momentum must be None or in (0, 1], got {momentum!r}")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+        self.momentum = None if momentum is None else float(momentum)
+        self.eps = float(eps)
+        self.track_running_stats = bool(track_running_stats)
+        self.sync_distributed = bool(sync_distributed)
+        self.register_buffer("running_mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("running_var", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("num_samples", torch.zeros((), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_constants(
+        cls, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor, *, track_running_stats: bool = False, **kwargs
+    ) -> AugParamNormalizer:
+        """A normaliser with fixed published statistics (not updated unless ``track_running_stats``)."""
+        mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if mean_t.shape != std_t.shape or mean_t.numel() == 0:
+            raise ValueError(f"mean and std must be non-empty with equal length, got {mean_t.numel()} and {std_t.numel()}")
+        if not bool(torch.isfinite(mean_t).all() and torch.isfinite(std_t).all()) or bool((std_t < 0).any()):
+            raise ValueError("mean and std must be finite and std >= 0")
+        norm = cls(mean_t.numel(), track_running_stats=track_running_stats, **kwargs)
+        norm.running_mean.copy_(mean_t)
+        norm.running_var.copy_(std_t.square())
+        return norm
+
+    @classmethod
+    def stl10(cls, **kwargs) -> AugParamNormalizer:
+        """The published STL10 constants (11-D, crop box in pixels of 96x96 images), frozen by default."""
+        return cls.from_constants(STL10_PARAM_MEAN, STL10_PARAM_STD, **kwargs)
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def mean(self) -> Tensor:
+        """Current per-dimension mean (float64)."""
+        return self.running_mean.double()
+
+    @property
+    def std(self) -> Tensor:
+        """Current per-dimension (population) std (float64)."""
+        return self.running_var.double().clamp_min(0).sqrt()
+
+    def _check(self, params: object) -> Tensor:
+        return check_float_tensor(params, "params", sizes=[None, self.dim])
+
+    @torch.no_grad()
+    def _batch_stats(self, params: Tensor) -> tuple[int, Tensor, Tensor]:
+        """(count, mean, population var) of the batch, all-reduced over ranks when distributed."""
+        x = params.detach().double()
+        sync = self.sync_distributed and _dist.is_distributed() and _dist.world_size() > 1
+        head = torch.cat([x.new_tensor([x.shape[0]]), x.sum(0)])
+        head = _dist.all_reduce_sum(head) if sync else head
+        count = int(round(head[0].item()))
+        if count == 0:
+            raise ValueError("params must hold at least one row to update the statistics, got 0")
+        mean = head[1:] / count
+        m2 = (x - mean).square().sum(0)
+        m2 = _dist.all_reduce_sum(m2) if sync else m2
+        return count, mean, m2 / count
+
+    @torch.no_grad()
+    def update(self, params: Tensor) -> None:
+        """Merges a batch ``[B, dim]`` into the running statistics (validated first)."""
+        params = check_float_tensor(params, "params", sizes=[None, self.dim], finite=True)
+        count, mean_b, var_b = self._batch_stats(params)
+        n_a = int(self.num_samples.item())
+        mean_a, var_a = self.running_mean.double(), self.running_var.double()
+        if n_a == 0:
+            mean, var = mean_b, var_b
+        elif self.momentum is None:
+            n = n_a + count
+            delta = mean_b - mean_a
+            mean = mean_a + delta * (count / n)
+            var = (n_a * var_a + count * var_b + delta.square() * (n_a * count / n)) / n
+        else:
+            m = self.momentum
+            mean, var = (1 - m) * mean_a + m * mean_b, (1 - m) * var_a + m * var_b
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+        self.num_samples.add_(count)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the identity (mean 0, var 1, no samples)."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_samples.zero_()
+
+    @torch.no_grad()
+    def fit(self, params: Tensor) -> AugParamNormalizer:
+        """One-shot fit: replaces the statistics by those of ``params`` ``[N, dim]`` (all ranks)."""
+        params = check_float_tensor(params, "params", sizes=[None, self.dim], finite=True)
+        if params.shape[0] == 0 and not _dist.is_distributed():
+            raise ValueError("params must hold at least one row to fit, got 0")
+        self.reset()
+        self.update(params)
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, params: Tensor) -> Tensor:
+        """Standardises ``params`` ``[B, dim]``; returns ``[B, dim]`` in the input dtype."""
+        params = self._check(params)
+        if self.training and self.track_running_stats:
+            self.update(params)
+        std = self.std
+        scale = torch.where(std > self.eps, std, torch.ones_like(std))
+        out = (params.double() - self.mean) / scale
+        return out.to(params.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.dim}, momentum={self.momentum}, eps={self.eps}, "
+            f"track_running_stats={self.track_running_stats}, num_samples={int(self.num_samples.item())}"
+        )

@@ -1,0 +1,109 @@
+"""Equivariant predictors: map the original image's embedding and a transformation to a view's.
+
+Axis legend: ``B`` batch, ``D`` embedding width (``embed_dim``), ``P`` parameter / latent width
+(``param_dim``), ``H`` hidden width of the STAR MLP.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from star_heads._checks import check_float_tensor, check_positive_int
+
+__all__ = ["EquivariantPredictor"]
+
+PredictorKind = Literal["star", "equimod"]
+
+
+def _norm_without_affine(norm_layer: type[nn.Module], dim: int) -> nn.Module:
+    """``norm_layer(dim)`` with its learnable affine switched off (BatchNorm / LayerNorm spellings)."""
+    for kwargs in ({"affine": False}, {"elementwise_affine": False}):
+        try:
+            return norm_layer(dim, **kwargs)
+        except TypeError:
+            continue
+    raise TypeError(f"norm_layer {norm_layer.__name__} accepts neither affine=False nor elementwise_affine=False")
+
+
+class EquivariantPredictor(nn.Module):
+    """Predicts a view's equivariant embedding from the original's and the transformation.
+
+    ``kind="star"`` (STAR_METHOD.md, "Equivariant predictor (residual)")::
+
+        ẑ = z0 + φ([z0 ; ψ(a)]),   ψ = Linear(P → D, bias),
+        φ = Linear(2D → H, no bias) → norm → act → Linear(H → H, no bias) → norm → act → Linear(H → D, bias)
+
+    with ``H = hidden_dim`` (512 in the paper: φ is 256 → 512 → 512 → 128 for D = 128).
+
+    ``kind="equimod"`` (STAR_METHOD.md, "EquiMod"): no residual::
+
+        ẑ = norm_noaffine(Linear(2D → D, no bias)([z0 ; norm(Linear(P → D, no bias)(a))]))
+
+    (``hidden_dim`` and ``act_layer`` are unused there.)
+
+    The transformation ``a`` is whatever vector describes it: the standardised 11-D STAR
+    augmentation parameters (see :class:`AugParamNormalizer`), EquiMod's 15/17-D encodings, or an
+    external transformation latent as in SIE, e.g. a relative-rotation quaternion with
+    ``param_dim=4``. Submodules: ``param_encoder`` (ψ / EquiMod's parameter projector) and
+    ``mlp`` (φ / EquiMod's predictor layer); their weights keep PyTorch's default initialisation,
+    as in the reference code.
+
+    Args:
+        embed_dim: Embedding width D.
+        param_dim: Parameter / latent width P.
+        kind: ``"star"`` or ``"equimod"``.
+        hidden_dim: Hidden width H of φ (``"star"`` only).
+        norm_layer: Normalisation class, called as ``norm_layer(width)``.
+        act_layer: Activation class, called as ``act_layer()``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 128,
+        param_dim: int = 11,
+        *,
+        kind: PredictorKind = "star",
+        hidden_dim: int = 512,
+        norm_layer: type[nn.Module] = nn.BatchNorm1d,
+        act_layer: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.param_dim = check_positive_int(param_dim, "param_dim")
+        self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
+        if kind not in ("star", "equimod"):
+            raise ValueError(f"kind must be 'star' or 'equimod', got {kind!r}")
+        self.kind: PredictorKind = kind
+        d, h = embed_dim, hidden_dim
+        if kind == "star":
+            self.param_encoder = nn.Linear(param_dim, d, bias=True)
+            self.mlp = nn.Sequential(
+                nn.Linear(2 * d, h, bias=False),
+                norm_layer(h),
+                act_layer(),
+                nn.Linear(h, h, bias=False),
+                norm_layer(h),
+                act_layer(),
+                nn.Linear(h, d, bias=True),
+            )
+        else:
+            self.param_encoder = nn.Sequential(nn.Linear(param_dim, d, bias=False), norm_layer(d))
+            self.mlp = nn.Sequential(nn.Linear(2 * d, d, bias=False), _norm_without_affine(norm_layer, d))
+
+    def forward(self, z0: Tensor, params: Tensor) -> Tensor:
+        """Predicts ``[B, D]`` from the original embedding ``z0`` ``[B, D]`` and ``params`` ``[B, P]``."""
+        z0 = check_float_tensor(z0, "z0", sizes=[None, self.embed_dim])
+        params = check_float_tensor(params, "params", sizes=[None, self.param_dim])
+        if params.shape[0] != z0.shape[0]:
+            raise ValueError(
+                f"params must have one row per z0 row: z0 has {z0.shape[0]} rows, params has {params.shape[0]}"
+            )
+        encoded = self.param_encoder(params.to(z0.dtype))  # [B, D]
+        out = self.mlp(torch.cat([z0, encoded], dim=1))  # [B, 2D] -> [B, D]
+        return z0 + out if self.kind == "star" else out
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, embed_dim={self.embed_dim}, param_dim={self.param_dim}"
