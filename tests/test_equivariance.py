@@ -231,7 +231,7 @@ def test_star_layout_and_residual():
     st.integers(2, 6),
     st.integers(2, 9),  # d = 1 with LayerNorm is constant (zero gradient) by construction
     st.integers(1, 12),
-    st.sampled_from(["star", "equimod"]),
+    st.sampled_from(["star", "equimod", "hyper"]),
     st.sampled_from([nn.BatchNorm1d, nn.LayerNorm]),
 )
 def test_predictor_shapes_and_gradients(b, d, p, kind, norm_layer):
@@ -242,6 +242,19 @@ def test_predictor_shapes_and_gradients(b, d, p, kind, norm_layer):
     assert out.shape == (b, d) and torch.isfinite(out).all()
     out.square().sum().backward()
     assert z0.grad is not None and a.grad is not None and a.grad.abs().sum() > 0
+
+
+def test_hyper_predictor_is_a_latent_dependent_linear_map():
+    torch.manual_seed(0)
+    m = EquivariantPredictor(6, param_dim=4, kind="hyper").double()
+    z0, q = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    basis = m.param_encoder.weight  # [D*D, P]: column p is the flattened matrix M_p (row-major)
+    for b in range(5):
+        w = sum(q[b, p] * basis[:, p].reshape(6, 6) for p in range(4))
+        torch.testing.assert_close(m(z0[b : b + 1], q[b : b + 1])[0], w @ z0[b])
+    # linear in z0 for a fixed latent
+    torch.testing.assert_close(m(2 * z0 - z0.flip(0), q), 2 * m(z0, q) - m(z0.flip(0), q))
+    assert m.param_encoder.bias is None and not hasattr(m, "mlp")
 
 
 def test_quaternion_latent():
@@ -261,6 +274,18 @@ def test_predictor_bad_input():
     with pytest.raises(TypeError, match="floating-point"):
         m(torch.randn(3, 8), torch.ones(3, 11, dtype=torch.long))
     with pytest.raises(ValueError, match="kind must be"):
-        EquivariantPredictor(kind="hyper")
+        EquivariantPredictor(kind="sie")
     with pytest.raises(ValueError, match="param_dim must be >= 1"):
         EquivariantPredictor(param_dim=0)
+
+
+@pytest.mark.parametrize("kind", ["star", "equimod", "hyper"])
+def test_predictor_under_bf16_autocast(kind):
+    torch.manual_seed(0)
+    m = EquivariantPredictor(16, 11, kind=kind, hidden_dim=32)
+    z0, a = torch.randn(8, 16), torch.randn(8, 11)
+    want = m(z0, a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(z0, a)
+    assert got.shape == (8, 16) and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=0.1, atol=0.1)

@@ -254,3 +254,10 @@ def test_against_lightly():
     for tau in (0.2, 0.5):
         torch.testing.assert_close(NTXentLoss(tau)(z1, z2), lightly_loss.NTXentLoss(temperature=tau)(z1, z2))
     torch.testing.assert_close(VICRegLoss()(z1 * 0.5, z2), lightly_loss.VICRegLoss()(z1 * 0.5, z2))
+
+
+def test_gather_without_process_group_is_the_local_loss():
+    z1, z2 = _pair(11, 5, 4)
+    torch.testing.assert_close(nt_xent(z1, z2, gather=True), nt_xent(z1, z2))
+    torch.testing.assert_close(equivariant_nt_xent(z1, z2, gather=True), equivariant_nt_xent(z1, z2))
+    torch.testing.assert_close(vicreg(z1, z2, gather=True).loss, vicreg(z1, z2).loss)

@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from star_heads._checks import check_float_tensor, check_positive_int
 
 __all__ = ["EquivariantPredictor"]
 
-PredictorKind = Literal["star", "equimod"]
+PredictorKind = Literal["star", "equimod", "hyper"]
 
 
 def _norm_without_affine(norm_layer: type[nn.Module], dim: int) -> nn.Module:
@@ -44,6 +45,13 @@ class EquivariantPredictor(nn.Module):
 
     (``hidden_dim`` and ``act_layer`` are unused there.)
 
+    ``kind="hyper"`` (SIE, STAR_METHOD.md "SIE"): a hypernetwork maps the transformation latent to
+    the weights of a D×D linear map applied to ``z0``; SIE's linear hypernetwork, no bias::
+
+        ẑ = W(a) z0,   W(a) = reshape(Linear(P → D·D, no bias)(a), [D, D])  (= sum_p a_p M_p)
+
+    (``hidden_dim``, ``norm_layer`` and ``act_layer`` are unused there; ``mlp`` is absent.)
+
     The transformation ``a`` is whatever vector describes it: the standardised 11-D STAR
     augmentation parameters (see :class:`AugParamNormalizer`), EquiMod's 15/17-D encodings, or an
     external transformation latent as in SIE, e.g. a relative-rotation quaternion with
@@ -54,7 +62,7 @@ class EquivariantPredictor(nn.Module):
     Args:
         embed_dim: Embedding width D.
         param_dim: Parameter / latent width P.
-        kind: ``"star"`` or ``"equimod"``.
+        kind: ``"star"``, ``"equimod"`` or ``"hyper"``.
         hidden_dim: Hidden width H of φ (``"star"`` only).
         norm_layer: Normalisation class, called as ``norm_layer(width)``.
         act_layer: Activation class, called as ``act_layer()``.
@@ -74,8 +82,8 @@ class EquivariantPredictor(nn.Module):
         self.embed_dim = check_positive_int(embed_dim, "embed_dim")
         self.param_dim = check_positive_int(param_dim, "param_dim")
         self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
-        if kind not in ("star", "equimod"):
-            raise ValueError(f"kind must be 'star' or 'equimod', got {kind!r}")
+        if kind not in ("star", "equimod", "hyper"):
+            raise ValueError(f"kind must be 'star', 'equimod' or 'hyper', got {kind!r}")
         self.kind: PredictorKind = kind
         d, h = embed_dim, hidden_dim
         if kind == "star":
@@ -89,9 +97,11 @@ class EquivariantPredictor(nn.Module):
                 act_layer(),
                 nn.Linear(h, d, bias=True),
             )
-        else:
+        elif kind == "equimod":
             self.param_encoder = nn.Sequential(nn.Linear(param_dim, d, bias=False), norm_layer(d))
             self.mlp = nn.Sequential(nn.Linear(2 * d, d, bias=False), _norm_without_affine(norm_layer, d))
+        else:
+            self.param_encoder = nn.Linear(param_dim, d * d, bias=False)
 
     def forward(self, z0: Tensor, params: Tensor) -> Tensor:
         """Predicts ``[B, D]`` from the original embedding ``z0`` ``[B, D]`` and ``params`` ``[B, P]``."""
@@ -101,6 +111,9 @@ class EquivariantPredictor(nn.Module):
             raise ValueError(
                 f"params must have one row per z0 row: z0 has {z0.shape[0]} rows, params has {params.shape[0]}"
             )
+        if self.kind == "hyper":
+            weights = rearrange(self.param_encoder(params.to(z0.dtype)), "B (i j) -> B i j", i=self.embed_dim)
+            return einsum(weights, z0.to(weights.dtype), "B i j, B j -> B i")
         encoded = self.param_encoder(params.to(z0.dtype))  # [B, D]
         out = self.mlp(torch.cat([z0, encoded], dim=1))  # [B, 2D] -> [B, D]
         return z0 + out if self.kind == "star" else out
