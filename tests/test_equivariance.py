@@ -289,3 +289,19 @@ def test_predictor_under_bf16_autocast(kind):
         got = m(z0, a)
     assert got.shape == (8, 16) and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want, rtol=0.1, atol=0.1)
+
+
+def _python_blocks(path: str) -> list[str]:
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / path).read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_docs_examples_run():
+    path = "docs/equivariance.md"
+    blocks = _python_blocks(path)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, path, "exec"), {})

@@ -261,3 +261,15 @@ def test_gather_without_process_group_is_the_local_loss():
     torch.testing.assert_close(nt_xent(z1, z2, gather=True), nt_xent(z1, z2))
     torch.testing.assert_close(equivariant_nt_xent(z1, z2, gather=True), equivariant_nt_xent(z1, z2))
     torch.testing.assert_close(vicreg(z1, z2, gather=True).loss, vicreg(z1, z2).loss)
+
+
+def test_docs_examples_run():
+    import pathlib
+    import re
+
+    path = "docs/losses.md"
+    text = (pathlib.Path(__file__).parent.parent / path).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, path, "exec"), {})
