@@ -106,6 +106,7 @@ def test_stl10_constants_and_from_constants():
     tracked = AugParamNormalizer.from_constants([1.0, 2.0], [3.0, 4.0], track_running_stats=True).train()
     tracked(torch.zeros(2, 2))
     assert int(tracked.num_samples) == 2
+    torch.testing.assert_close(tracked.mean, torch.zeros(2, dtype=torch.float64))  # the first batch replaces them
 
 
 def test_fit_replaces_statistics():

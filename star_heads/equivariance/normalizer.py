@@ -94,7 +94,12 @@ class AugParamNormalizer(nn.Module):
     def from_constants(
         cls, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor, *, track_running_stats: bool = False, **kwargs
     ) -> AugParamNormalizer:
-        """A normaliser with fixed published statistics (not updated unless ``track_running_stats``)."""
+        """A normaliser with fixed published statistics.
+
+        Frozen by default. With ``track_running_stats=True`` the constants only serve until the
+        first training batch, whose statistics replace them (cumulative and EMA modes alike,
+        because ``num_samples`` starts at 0).
+        """
         mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
         std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
         if mean_t.shape != std_t.shape or mean_t.numel() == 0:
