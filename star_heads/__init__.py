@@ -1,5 +1,60 @@
-"""star-heads: STAR projection heads for joint invariant/equivariant self-supervised learning."""
+"""star-heads: STAR projection heads for joint invariant/equivariant self-supervised learning.
+
+STAR (Soft Task-Aware Routing of experts, NeurIPS 2025) replaces the separate invariant and equivariant
+projection heads of a joint SSL trainer with a bank of shared MLP experts and one soft router per task.
+"""
 
 from star_heads._version import __version__
+from star_heads.baselines import SeparateHeads, SharedSpecificHead
+from star_heads.equivariance import STL10_PARAM_MEAN, STL10_PARAM_STD, AugParamNormalizer, EquivariantPredictor
+from star_heads.experts import ExpertBank
+from star_heads.heads import (
+    HeadOutput,
+    MMoEHead,
+    STARHead,
+    STARSimCLRProjectionHead,
+    STARVICRegProjectionHead,
+    TaskHead,
+)
+from star_heads.losses import (
+    EquivariantNTXentLoss,
+    NTXentLoss,
+    VICRegLoss,
+    VICRegOutput,
+    equivariant_nt_xent,
+    nt_xent,
+    vicreg,
+)
+from star_heads.optim import param_groups
+from star_heads.routing import RoutingStats, SoftRouter, routing_stats
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    # heads and their parts
+    "ExpertBank",
+    "SoftRouter",
+    "MMoEHead",
+    "STARHead",
+    "STARSimCLRProjectionHead",
+    "STARVICRegProjectionHead",
+    "SeparateHeads",
+    "SharedSpecificHead",
+    "TaskHead",
+    "HeadOutput",
+    "routing_stats",
+    "RoutingStats",
+    "param_groups",
+    # losses
+    "nt_xent",
+    "equivariant_nt_xent",
+    "vicreg",
+    "NTXentLoss",
+    "EquivariantNTXentLoss",
+    "VICRegLoss",
+    "VICRegOutput",
+    # equivariance
+    "AugParamNormalizer",
+    "EquivariantPredictor",
+    "STL10_PARAM_MEAN",
+    "STL10_PARAM_STD",
+]
