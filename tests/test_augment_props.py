@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,5 +175,13 @@ def test_module_imports_without_kornia_and_names_the_extra():
         "import star_heads.augment as a\n"
         "try:\n    a.STARAugment(8)\nexcept ImportError as e:\n    print('ERR', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env())
     assert 'ERR star_heads.augment needs kornia: pip install "star-heads[augment]"' in out.stdout
+
+
+def _env() -> dict[str, str]:
+    """Environment whose PYTHONPATH finds this checkout's star_heads even when it is not installed."""
+    import star_heads
+
+    root = str(Path(star_heads.__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +48,7 @@ def test_missing_sklearn_names_the_extra():
         "from star_heads.data import load_digits\n"
         "try:\n    load_digits()\nexcept ImportError as e:\n    print('ERR', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env())
     assert 'pip install "star-heads[examples]"' in out.stdout
 
 
@@ -84,3 +86,11 @@ def test_bad_image_size():
         load_digits(0)
     with pytest.raises(TypeError, match="image_size must be an int"):
         load_digits(32.0)
+
+
+def _env() -> dict[str, str]:
+    """Environment whose PYTHONPATH finds this checkout's star_heads even when it is not installed."""
+    import star_heads
+
+    root = str(Path(star_heads.__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
