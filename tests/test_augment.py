@@ -173,6 +173,18 @@ def test_param_layout_and_config_defaults():
     assert AugmentConfig(output_size=32).kernel_size == 3
 
 
+def test_autocast_does_not_change_views_and_bad_generator():
+    x = torch.rand(6, 3, 20, 20)
+    aug = STARAugment(16)
+    ref = aug(x, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = aug(x, generator=torch.Generator().manual_seed(0))
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        aug(x, generator=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     x = torch.rand(32, 3, 40, 40)

@@ -90,7 +90,8 @@ class STARAugment(nn.Module):
                 f"sample was drawn for {sample.crop.shape[0]} images of size {sample.image_size}, "
                 f"got {x.shape[0]} of size {tuple(x.shape[-2:])}"
             )
-        return apply_augment(x, sample, self.config)
+        with torch.autocast(x.device.type, enabled=False):
+            return apply_augment(x, sample, self.config)
 
     def forward(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -107,8 +108,11 @@ class STARAugment(nn.Module):
             :data:`PARAM_NAMES`, the crop box in ``self.crop_units``.
         """
         x = self._check(images)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         s = self.sample(x.shape[0], tuple(x.shape[-2:]), generator)
-        views = apply_augment(x, s, self.config)
+        with torch.autocast(x.device.type, enabled=False):  # views keep the input dtype under autocast
+            views = apply_augment(x, s, self.config)
         return views, s.vector(self.crop_units).to(x.device)
 
     def original(self, images: torch.Tensor) -> torch.Tensor:
