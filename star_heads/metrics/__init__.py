@@ -1,0 +1,26 @@
+"""Redundancy metrics: canonical correlation analysis between two embeddings of the same samples."""
+
+from star_heads.metrics.cca import (
+    DEFAULT_RANK_TOL,
+    CCASampleSizeWarning,
+    canonical_correlations,
+    mean_canonical_correlation,
+    pwcca,
+    svcca,
+)
+from star_heads.metrics.meter import CCAMeter, CCAResult
+from star_heads.metrics.monitor import CCAMonitor
+from star_heads.metrics.null import null_mean_canonical_correlation
+
+__all__ = [
+    "DEFAULT_RANK_TOL",
+    "CCAMeter",
+    "CCAMonitor",
+    "CCAResult",
+    "CCASampleSizeWarning",
+    "canonical_correlations",
+    "mean_canonical_correlation",
+    "null_mean_canonical_correlation",
+    "pwcca",
+    "svcca",
+]

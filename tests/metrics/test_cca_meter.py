@@ -1,0 +1,255 @@
+"""CCAMeter: streaming == one-shot, merge / sync exactness, null baseline, errors, DDP with gloo."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cca_oracle import cca_orth, planted
+from dist_utils import run_distributed
+from star_heads.metrics import (
+    CCAMeter,
+    CCAMonitor,
+    CCAResult,
+    canonical_correlations,
+    mean_canonical_correlation,
+    null_mean_canonical_correlation,
+)
+
+
+def _data(seed, n=600, p=7, q=5, rho=(0.9, 0.5)):
+    x, y = planted(n, list(rho), p, q, seed=seed)
+    return torch.as_tensor(x), torch.as_tensor(y)
+
+
+def _fed(x, y, sizes, **kw):
+    meter = CCAMeter(x.shape[1], y.shape[1], **kw)
+    start = 0
+    for size in sizes:
+        meter.update(x[start:start + size], y[start:start + size])
+        start += size
+    return meter
+
+
+def _splits(total):
+    return st.lists(st.integers(1, total), min_size=1, max_size=6).map(
+        lambda cuts: np.diff([0, *sorted({c for c in cuts if c < total}), total]).tolist()
+    )
+
+
+@given(st.integers(0, 10_000), _splits(600))
+def test_streaming_equals_one_shot_for_any_split(seed, sizes):
+    x, y = _data(seed)
+    result = _fed(x, y, sizes, null_baseline=False).compute()
+    ref = canonical_correlations(x, y)
+    torch.testing.assert_close(result.correlations, ref, atol=1e-10, rtol=0)
+    assert result.mean == pytest.approx(float(ref.mean()), abs=1e-10)
+    assert (result.rank_x, result.rank_y, result.n) == (7, 5, 600)
+
+
+@given(st.integers(0, 10_000), st.integers(1, 598), st.integers(1, 598))
+def test_merge_is_associative_and_exact(seed, i, j):
+    x, y = _data(seed)
+    i, j = sorted((i, j))
+    j = max(j, i + 1)
+    parts = [(x[:i], y[:i]), (x[i:j], y[i:j]), (x[j:] + 0, y[j:])]
+    a, b, c = (_fed(px, py, [len(px)]) for px, py in parts)
+    left = CCAMeter(7, 5, null_baseline=False).merge(CCAMeter(7, 5).merge(a).merge(b)).merge(c).compute()
+    bc = CCAMeter(7, 5).merge(b).merge(c)
+    right = CCAMeter(7, 5, null_baseline=False).merge(a).merge(bc).compute()
+    ref = canonical_correlations(x, y)
+    torch.testing.assert_close(left.correlations, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(right.correlations, left.correlations, atol=1e-10, rtol=0)
+
+
+def test_large_offsets_stay_accurate():
+    x, y = _data(1)
+    x, y = x + 1e6, y - 3e5  # naive Σxx^T − n μμ^T would lose ~12 digits here
+    batches = [(x[k:k + 100] + 0.0, y[k:k + 100]) for k in range(0, 600, 100)]
+    meters = [_fed(bx, by, [100]) for bx, by in batches]
+    merged = CCAMeter(7, 5)
+    for m in meters:
+        merged.merge(m)
+    torch.testing.assert_close(merged.compute().correlations, canonical_correlations(x, y), atol=1e-9, rtol=0)
+
+
+def test_rank_deficient_and_constant_views_match_one_shot():
+    x, y = _data(2, n=800)
+    xd = torch.cat([x, x[:, :3] * 2.0, torch.full((800, 2), 5.0, dtype=torch.float64)], dim=1)
+    r = _fed(xd, y, [300, 500]).compute()
+    assert r.rank_x == 7
+    np.testing.assert_allclose(r.correlations.numpy(), cca_orth(xd.numpy(), y.numpy()), atol=1e-10)
+    const = _fed(torch.ones(800, 4), y, [800]).compute()
+    assert (const.rank_x, const.correlations.numel(), const.mean, const.null_mean) == (0, 0, 0.0, 0.0)
+
+
+def test_float32_collapsed_embedding_rank_matches_one_shot():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3000, 5, generator=g)
+    z, y = h @ torch.randn(5, 64, generator=g), torch.randn(3000, 9, generator=g)
+    r = _fed(z, y, [1000, 2000]).compute()
+    ref = canonical_correlations(z, y)
+    assert r.rank_x == 5 and ref.numel() == 5
+    torch.testing.assert_close(r.correlations, ref, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_and_autocast(dtype):
+    x, y = _data(4)
+    xh, yh = x.to(dtype), y.to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = _fed(xh, yh, [200, 400]).compute()
+    torch.testing.assert_close(r.correlations, canonical_correlations(xh, yh), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_extreme_float32_scales(scale):
+    x, y = _data(5)
+    r = _fed((x * scale).float(), y.float(), [600]).compute()
+    torch.testing.assert_close(r.correlations, canonical_correlations(x.float(), y.float()), atol=1e-8, rtol=0)
+
+
+def test_ridge_matches_one_shot():
+    x, y = _data(6)
+    r = _fed(x, y, [250, 350], ridge=0.3).compute()
+    torch.testing.assert_close(r.correlations, canonical_correlations(x, y, ridge=0.3), atol=1e-10, rtol=0)
+    assert r.null_mean < _fed(x, y, [600]).compute().null_mean  # shrinkage lowers the null too
+
+
+# ---------------------------------------------------------------- null baseline
+def test_null_matches_independent_data_and_shuffled_pairing():
+    n, p = 700, 24
+    observed, shuffled = [], []
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, p, generator=g, dtype=torch.float64) @ torch.randn(p, p, generator=g, dtype=torch.float64)
+        y = torch.rand(n, p, generator=g, dtype=torch.float64) ** 3  # non-Gaussian, skewed
+        observed.append(float(mean_canonical_correlation(x, y)))
+        xp, yp = planted(n, [0.9, 0.8, 0.7], p, p, seed=seed)  # shuffle a correlated pair
+        perm = np.random.default_rng(seed).permutation(n)
+        shuffled.append(float(np.mean(cca_orth(xp, yp[perm]))))
+    null = _fed(x, y, [n]).compute().null_mean
+    assert 0.15 < null < 0.3  # far from 0: the bias at n ≈ 15(p + q)
+    assert np.mean(observed) == pytest.approx(null, abs=0.01)
+    assert np.mean(shuffled) == pytest.approx(null, abs=0.01)
+
+
+def test_null_clearly_below_planted_value_and_shrinks_with_n():
+    x, y = planted(4000, [0.9, 0.7, 0.5, 0.3], 16, 16, seed=7)
+    r = _fed(torch.as_tensor(x), torch.as_tensor(y), [1000] * 4).compute()
+    assert r.mean > r.null_mean + 0.1 and r.excess == pytest.approx(r.mean - r.null_mean)
+    ones = torch.ones(16, dtype=torch.float64)
+    nulls = [null_mean_canonical_correlation(n, ones, ones) for n in (100, 1000, 10000)]
+    assert nulls[0] > nulls[1] > nulls[2] > 0
+    assert null_mean_canonical_correlation(1000, ones, ones) == nulls[1]  # deterministic
+
+
+def test_null_disabled():
+    x, y = _data(8)
+    assert _fed(x, y, [600], null_baseline=False).compute().null_mean is None
+
+
+# ---------------------------------------------------------------- state, pickling, errors
+def test_reset_pickle_and_result_is_frozen():
+    x, y = _data(9)
+    meter = _fed(x, y, [600])
+    clone = pickle.loads(pickle.dumps(meter))
+    torch.testing.assert_close(clone.compute().correlations, meter.compute().correlations, atol=0, rtol=0)
+    result = meter.compute()
+    assert isinstance(result, CCAResult)
+    with pytest.raises(AttributeError):
+        result.mean = 0.0
+    meter.reset()
+    assert meter.n == 0
+    meter.update(x[:300], y[:300])
+    torch.testing.assert_close(meter.compute().correlations, canonical_correlations(x[:300], y[:300]), atol=1e-10, rtol=0)
+
+
+def test_bad_updates_raise_before_changing_state():
+    x, y = _data(10)
+    meter = _fed(x, y, [600])
+    before = meter.compute().correlations
+    bad = [
+        ((x[:10, :6], y[:10]), ValueError, r"expected x \[n, 7\]"),
+        ((x[:10], y[:11]), ValueError, "same number of samples"),
+        ((x[:10].int(), y[:10]), TypeError, "floating-point"),
+        ((x[:10, 0], y[:10]), ValueError, "2 dimensions"),
+        ((torch.full((10, 7), float("nan")), y[:10]), ValueError, "NaN"),
+        ((x[:0], y[:0]), ValueError, "non-empty"),
+    ]
+    for args, err, match in bad:
+        with pytest.raises(err, match=match):
+            meter.update(*args)
+    assert meter.n == 600
+    torch.testing.assert_close(meter.compute().correlations, before, atol=0, rtol=0)
+
+
+def test_compute_errors_and_bad_construction():
+    meter = CCAMeter(8, 4)
+    meter.update(torch.randn(9, 8), torch.randn(9, 4))
+    with pytest.raises(ValueError, match=r"n=9.*need n >= 10"):
+        meter.compute()
+    unchecked = CCAMeter(2, check_finite=False)
+    unchecked.update(torch.tensor([[1.0, float("inf")]] * 10), torch.randn(10, 2))
+    with pytest.raises(ValueError, match="not finite"):
+        unchecked.compute()
+    with pytest.raises(ValueError, match="cannot merge"):
+        CCAMeter(3).merge(CCAMeter(4))
+    with pytest.raises(TypeError, match="CCAMeter"):
+        CCAMeter(3).merge("x")
+    with pytest.raises(ValueError, match="p must be >= 1"):
+        CCAMeter(0)
+    with pytest.raises(TypeError, match="q must be an int"):
+        CCAMeter(3, 2.5)
+    with pytest.raises(ValueError, match="ridge"):
+        CCAMeter(3, ridge=-1.0)
+
+
+def test_sync_without_distributed_is_a_no_op():
+    x, y = _data(11)
+    meter = _fed(x, y, [600])
+    assert meter.sync() is meter and meter.n == 600
+
+
+# ---------------------------------------------------------------- DDP (2 gloo processes)
+def _ddp_worker(rank, world_size, x, y):
+    half = x.shape[0] // world_size
+    lo, hi = rank * half, (rank + 1) * half
+    meter = CCAMeter(x.shape[1], y.shape[1])
+    step = 50 + 7 * rank  # different batchings on purpose: ranks use different shifts
+    for k in range(lo, hi, step):
+        meter.update(x[k:min(k + step, hi)], y[k:min(k + step, hi)])
+    meter.update(x[lo:lo + 1] * 0 + x[lo:lo + 1], y[lo:lo + 1])  # one duplicated row per rank
+    empty = CCAMeter(x.shape[1], y.shape[1])  # a rank with no data must not break the sum
+    if rank == 0:
+        empty.update(x[:100], y[:100])
+    monitor = CCAMonitor(every=2)
+    out = monitor.update(x[lo:lo + 150], y[lo:lo + 150])
+    assert out is None
+    out = monitor.update(x[lo + 150:lo + 300], y[lo + 150:lo + 300])
+    return {"meter": meter.sync().compute(), "empty": empty.sync().compute(), "monitor": out,
+            "initialised": dist.is_initialized()}
+
+
+@pytest.mark.distributed
+def test_ddp_sync_equals_single_process_on_concatenated_data():
+    x, y = _data(12, n=1200)
+    results = run_distributed(_ddp_worker, world_size=2, args=(x, y))
+    full_x = torch.cat([x, x[0:1], x[600:601]])
+    full_y = torch.cat([y, y[0:1], y[600:601]])
+    ref = canonical_correlations(full_x, full_y)
+    mon_idx = torch.cat([torch.arange(0, 300), torch.arange(600, 900)])
+    mon_ref = canonical_correlations(x[mon_idx], y[mon_idx])
+    for r in results:
+        assert r["initialised"]
+        assert r["meter"].n == 1202
+        torch.testing.assert_close(r["meter"].correlations, ref, atol=1e-10, rtol=0)
+        torch.testing.assert_close(r["empty"].correlations, canonical_correlations(x[:100], y[:100]), atol=1e-10, rtol=0)
+        assert r["monitor"].n == 600
+        torch.testing.assert_close(r["monitor"].correlations, mon_ref, atol=1e-10, rtol=0)
+    assert results[0]["meter"].mean == results[1]["meter"].mean
+    assert results[0]["meter"].null_mean == results[1]["meter"].null_mean
