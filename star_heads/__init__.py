@@ -5,6 +5,8 @@ projection heads of a joint SSL trainer with a bank of shared MLP experts and on
 """
 
 from star_heads._version import __version__
+from star_heads.adapters import AdapterOutput, EquiModAdapter, JointAdapter, SimCLRAdapter, VICRegAdapter, build_head
+from star_heads.augment import PARAM_DIM, PARAM_NAMES, AugmentConfig, STARAugment, params_to_pixels, pixels_to_params
 from star_heads.baselines import SeparateHeads, SharedSpecificHead
 from star_heads.equivariance import STL10_PARAM_MEAN, STL10_PARAM_STD, AugParamNormalizer, EquivariantPredictor
 from star_heads.experts import ExpertBank
@@ -24,6 +26,13 @@ from star_heads.losses import (
     equivariant_nt_xent,
     nt_xent,
     vicreg,
+)
+from star_heads.metrics import (
+    CCAMeter,
+    CCAMonitor,
+    CCAResult,
+    canonical_correlations,
+    mean_canonical_correlation,
 )
 from star_heads.optim import param_groups
 from star_heads.routing import RoutingStats, SoftRouter, routing_stats
@@ -52,6 +61,26 @@ __all__ = [
     "EquivariantNTXentLoss",
     "VICRegLoss",
     "VICRegOutput",
+    # adapters
+    "SimCLRAdapter",
+    "VICRegAdapter",
+    "EquiModAdapter",
+    "JointAdapter",
+    "AdapterOutput",
+    "build_head",
+    # redundancy metric
+    "canonical_correlations",
+    "mean_canonical_correlation",
+    "CCAMeter",
+    "CCAResult",
+    "CCAMonitor",
+    # augmentation (kornia is imported only when STARAugment is built)
+    "STARAugment",
+    "AugmentConfig",
+    "PARAM_NAMES",
+    "PARAM_DIM",
+    "params_to_pixels",
+    "pixels_to_params",
     # equivariance
     "AugParamNormalizer",
     "EquivariantPredictor",
