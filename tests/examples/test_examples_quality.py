@@ -1,0 +1,43 @@
+"""benchmarks/quality.py: the --quick grid end to end, and the gate-specialisation summary by hand."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+pytest.importorskip("kornia")
+pytest.importorskip("sklearn")
+
+import quality  # noqa: E402
+
+
+def test_gate_specialisation_by_hand():
+    g = [[0.5, 0.3, 0.1, 0.1], [0.1, 0.1, 0.3, 0.5]]
+    s = quality.gate_specialisation(g)
+    assert s["gate_tv"] == pytest.approx(0.5 * (0.4 + 0.2 + 0.2 + 0.4))
+    # shares inv/(inv+eq): 0.83 → inv, 0.75 → inv, 0.25 → eq, 0.17 → eq
+    assert (s["experts_inv"], s["experts_eq"], s["experts_shared"]) == (2, 2, 0)
+    assert quality.gate_specialisation([[0.5, 0.5], [0.5, 0.5]])["experts_shared"] == 2
+    assert quality.gate_specialisation(None)["gate_tv"] is None
+
+
+def test_quick_grid_writes_json_and_markdown(tmp_path):
+    md = tmp_path / "results.md"
+    md.write_text("# Results\n\nkept text\n")
+    rows = quality.main(["--quick", "--out-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "q.json"),
+                         "--md", str(md)])
+    assert [(r["head"], r["num_experts"]) for r in rows] == quality.QUICK_CONFIGS
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert data["quick"] and len(data["runs"]) == 2 and data["summary"][1]["head"] == "STAR N=2"
+    star = data["runs"][1]
+    assert star["gate_tv"] is not None and star["experts_inv"] + star["experts_eq"] + star["experts_shared"] == 2
+    assert data["runs"][0]["gate_tv"] is None  # separate heads have no router
+    text = md.read_text()
+    assert "kept text" in text and "<!-- BEGIN quality -->" in text and "| STAR N=2 |" in text
+    # A second call reuses the finished runs (same settings) instead of training again.
+    again = quality.main(["--quick", "--out-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "q.json"),
+                          "--md", str(md)])
+    assert [r["cca_mean"] for r in again] == [r["cca_mean"] for r in rows]

@@ -1,0 +1,86 @@
+"""Run directories, checkpoints, RNG capture and backbones of the examples (examples/common)."""
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from common.backbones import ConvNet, build_backbone, resolve_backbone, torchvision_error  # noqa: E402
+from common.runs import RunDir, RunError, capture_rng, restore_rng  # noqa: E402
+
+
+def test_create_refuses_a_directory_holding_a_run(tmp_path):
+    run = RunDir.create(tmp_path / "r")
+    run.write_config({"a": 1})
+    (run.path / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="already holds a run"):
+        RunDir.create(run.path)
+    assert run.read_config() == {"a": 1}
+    RunDir.create(run.path, overwrite=True)
+    assert not run.config_path.exists()
+    assert (run.path / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_open_needs_config_and_checkpoint(tmp_path):
+    with pytest.raises(RunError, match="does not exist"):
+        RunDir.open(tmp_path / "missing")
+    with pytest.raises(RunError, match="no config.json"):
+        RunDir.open(tmp_path)
+    RunDir(tmp_path).write_config({})
+    with pytest.raises(RunError, match="no checkpoint.pt"):
+        RunDir.open(tmp_path)
+    assert RunDir.open(tmp_path, need_checkpoint=False).path == tmp_path
+
+
+def test_metrics_and_checkpoint_round_trip(tmp_path):
+    run = RunDir.create(tmp_path)
+    for e in (1, 2, 3):
+        run.append_metrics({"epoch": e, "loss": 1.0 / e})
+    run.truncate_metrics(2)
+    assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
+    state = {"epoch": 2, "w": torch.arange(4.0)}
+    run.save_checkpoint(state)
+    back = run.load_checkpoint()
+    assert back["epoch"] == 2 and torch.equal(back["w"], state["w"])
+    assert not list(tmp_path.glob("*.tmp"))
+    run.checkpoint_path.write_text("not a checkpoint")
+    with pytest.raises(RunError, match="cannot read"):
+        run.load_checkpoint()
+
+
+def test_rng_capture_restore_continues_every_stream():
+    gen = torch.Generator().manual_seed(7)
+    state = capture_rng(gen)
+    first = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=gen))
+    torch.rand(5), np.random.rand(2), random.random(), torch.rand(4, generator=gen)  # move every stream
+    restore_rng(state, gen)
+    again = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=gen))
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2] == again[2] and torch.equal(first[3], again[3])
+
+
+def test_convnet_shapes_and_backbone_choice():
+    net, dim = build_backbone("convnet", width=8)
+    assert dim == 64 and net(torch.rand(2, 3, 32, 32)).shape == (2, 64)
+    assert ConvNet(4)(torch.rand(1, 3, 96, 96)).shape == (1, 32)
+    assert resolve_backbone("auto", "shapes") == "convnet"
+    assert resolve_backbone("resnet50", "shapes") == "resnet50"
+    with pytest.raises(ValueError, match="unknown backbone"):
+        resolve_backbone("vit", "shapes")
+    with pytest.raises(ValueError, match="width"):
+        ConvNet(0)
+
+
+def test_resnet_without_torchvision_says_so():
+    if torchvision_error() is None:
+        net, dim = build_backbone("resnet18", cifar_stem=True)
+        assert dim == 512 and net(torch.rand(2, 3, 32, 32)).shape == (2, 512)
+    else:
+        assert resolve_backbone("auto", "cifar10") == "convnet"
+        with pytest.raises(RuntimeError, match="needs torchvision"):
+            build_backbone("resnet18")
