@@ -66,6 +66,7 @@ class CCAMonitor:
         self.last: CCAResult | None = None
         self._chunks: deque[CCAMeter] = deque(maxlen=window // self.every)
         self._current: CCAMeter | None = None
+        self._null_cache: dict[tuple, float] = {}
         CCAMeter(1, ridge=ridge)  # validates ridge now rather than at the first step
 
     def reset(self) -> None:
@@ -93,13 +94,12 @@ class CCAMonitor:
     def _compute(self) -> CCAResult:
         first = self._chunks[0]
         total = CCAMeter(first.p, first.q, ridge=self.ridge, null_baseline=self.null_baseline)
-        total._null_cache = getattr(self, "_null_cache", {})
+        total._null_cache = self._null_cache  # the null depends only on (n, ranks): reuse it across windows
         for chunk in self._chunks:
             total.merge(chunk)
         if self.sync and dist.is_available() and dist.is_initialized():
             total.sync()
         result = total.compute()
-        self._null_cache = total._null_cache
         self.last = result
         if self.log is not None:
             self.log(self.steps, result)

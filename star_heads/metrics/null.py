@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["null_mean_canonical_correlation"]
 
 
-def _wishart(dim: int, dof: int, draws: int, gen: torch.Generator) -> torch.Tensor:
+def _wishart(dim: int, dof: int, draws: int, rng: np.random.Generator) -> torch.Tensor:
     """[draws, dim, dim] samples of Wishart_dim(I, dof) (Bartlett decomposition when dof >= dim)."""
     if dof < dim:  # singular Wishart: build it from the (small) Gaussian factor directly
-        g = torch.randn(draws, dof, dim, generator=gen, dtype=torch.float64)
+        g = torch.from_numpy(rng.standard_normal((draws, dof, dim)))
         return g.transpose(1, 2) @ g
-    low = torch.randn(draws, dim, dim, generator=gen, dtype=torch.float64).tril(-1)
-    dofs = torch.arange(dof, dof - dim, -1, dtype=torch.float64)  # dof - i for i = 0..dim-1
-    chi2 = torch._standard_gamma((dofs / 2).expand(draws, dim).contiguous(), generator=gen) * 2
-    low = low + torch.diag_embed(chi2.sqrt())
+    low = torch.from_numpy(rng.standard_normal((draws, dim, dim))).tril(-1)
+    chi2 = rng.chisquare(np.arange(dof, dof - dim, -1, dtype=np.float64), size=(draws, dim))  # dof - i, i < dim
+    low = low + torch.diag_embed(torch.from_numpy(np.sqrt(chi2)))
     return low @ low.transpose(1, 2)
 
 
@@ -50,7 +50,7 @@ def null_mean_canonical_correlation(
         shrink_x: Per-direction shrinkage of view x, length r_x (ones without ridge).
         shrink_y: Same for view y, length r_y.
         draws: Monte Carlo draws; None = enough that a·draws >= 2048 (at least 4).
-        seed: Seed of the private CPU generator.
+        seed: Seed of the private numpy generator.
 
     Returns:
         The null mean (a Python float); 0.0 when a view has rank 0.
@@ -66,9 +66,9 @@ def null_mean_canonical_correlation(
     if m - b < 1:
         raise ValueError(f"null baseline needs n - 1 > rank: got n={n}, rank={b}")
     draws = max(4, math.ceil(2048 / a)) if draws is None else draws
-    gen = torch.Generator().manual_seed(seed)
-    g1 = torch.randn(draws, b, a, generator=gen, dtype=torch.float64)
-    s = g1.transpose(1, 2) @ g1 + _wishart(a, m - b, draws, gen)
+    rng = np.random.default_rng(seed)
+    g1 = torch.from_numpy(rng.standard_normal((draws, b, a)))
+    s = g1.transpose(1, 2) @ g1 + _wishart(a, m - b, draws, rng)
     evals, evecs = torch.linalg.eigh(s)
     inv_sqrt = (evecs * evals.clamp_min(1e-300).rsqrt()[:, None, :]) @ evecs.transpose(1, 2)
     block = fx[None, :, None] * (g1 @ inv_sqrt) * fy[None, None, :]

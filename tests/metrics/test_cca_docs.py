@@ -25,4 +25,4 @@ def test_sample_size_table_matches_null_baseline():
     assert len(ns) == len(values) >= 5
     ones = torch.ones(128)
     for n, v in list(zip(ns, values))[::3]:  # a few columns: each null costs ~0.1-0.5 s on a busy CPU
-        assert null_mean_canonical_correlation(n, ones, ones) == pytest.approx(v, abs=5e-4)
+        assert null_mean_canonical_correlation(n, ones, ones) == pytest.approx(v, abs=6e-4)

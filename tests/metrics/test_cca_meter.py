@@ -15,6 +15,7 @@ from star_heads.metrics import (
     CCAMeter,
     CCAMonitor,
     CCAResult,
+    CCASampleSizeWarning,
     canonical_correlations,
     mean_canonical_correlation,
     null_mean_canonical_correlation,
@@ -253,3 +254,18 @@ def test_ddp_sync_equals_single_process_on_concatenated_data():
         torch.testing.assert_close(r["monitor"].correlations, mon_ref, atol=1e-10, rtol=0)
     assert results[0]["meter"].mean == results[1]["meter"].mean
     assert results[0]["meter"].null_mean == results[1]["meter"].null_mean
+
+
+def test_null_when_some_correlations_are_trivially_one():
+    # n − 1 < p + q: (p + q) − (n − 1) = 31 correlations are exactly 1 whatever the data
+    ones_x, ones_y = torch.ones(150, dtype=torch.float64), torch.ones(40, dtype=torch.float64)
+    null = null_mean_canonical_correlation(160, ones_x, ones_y)
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(CCASampleSizeWarning):
+        observed = [
+            float(mean_canonical_correlation(torch.randn(160, 150, generator=g, dtype=torch.float64),
+                                             torch.randn(160, 40, generator=g, dtype=torch.float64)))
+            for _ in range(4)
+        ]
+    assert null > 31 / 40 and np.mean(observed) == pytest.approx(null, abs=0.005)
+    assert null == null_mean_canonical_correlation(160, ones_y, ones_x)  # symmetric in the two views
