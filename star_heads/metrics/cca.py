@@ -73,13 +73,21 @@ def validate_pair(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _check_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
 def _check_options(ridge: float, rank_tol: float | None) -> float:
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or ridge == float("inf"):
+    """Validates ``ridge`` (finite, >= 0) and ``rank_tol`` (in [0, 1)); returns the effective tolerance."""
+    ridge = _check_number(ridge, "ridge")
+    if not 0 <= ridge < float("inf"):
         raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
-    tol = DEFAULT_RANK_TOL if rank_tol is None else rank_tol
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+    tol = DEFAULT_RANK_TOL if rank_tol is None else _check_number(rank_tol, "rank_tol")
+    if not 0 <= tol < 1:
         raise ValueError(f"rank_tol must be a float in [0, 1), got {rank_tol!r}")
-    return float(tol)
+    return tol
 
 
 def _orthonormal_basis(x: torch.Tensor, tol: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,7 +184,7 @@ def svcca(x: torch.Tensor, y: torch.Tensor, keep: float = 0.99) -> torch.Tensor:
     which thresholds cumulative |s| instead of s²).
     """
     x, y = validate_pair(x, y)
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+    if not 0 < _check_number(keep, "keep") <= 1:
         raise ValueError(f"keep must be a float in (0, 1], got {keep!r}")
     check_sample_size(x.shape[0], x.shape[1], y.shape[1])
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):

@@ -157,7 +157,9 @@ class CCAMeter:
         """All-reduces the statistics over torch.distributed ranks (no-op when not initialised).
 
         Every rank must call it; afterwards every rank holds the statistics of all samples.
-        Ranks re-centre on a common shift first, so the sums are exact.
+        Ranks re-centre on a common shift first, so the sums are exact. Syncing twice counts
+        the samples twice: to keep accumulating locally, sync a copy
+        (``copy.deepcopy(meter).sync().compute()``), as :class:`~star_heads.metrics.CCAMonitor` does.
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self

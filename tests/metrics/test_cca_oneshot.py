@@ -230,7 +230,13 @@ def test_bad_options_raise(kw):
         canonical_correlations(torch.randn(20, 2), torch.randn(20, 2), **kw)
 
 
-@pytest.mark.parametrize("keep", [0.0, 1.5, True])
-def test_svcca_bad_keep(keep):
-    with pytest.raises(ValueError, match="keep"):
+@pytest.mark.parametrize("kw", [{"ridge": "0.1"}, {"ridge": True}, {"rank_tol": "1e-3"}])
+def test_option_of_wrong_type_raises_type_error(kw):
+    with pytest.raises(TypeError, match=f"{next(iter(kw))} must be a float, got"):
+        canonical_correlations(torch.randn(20, 2), torch.randn(20, 2), **kw)
+
+
+@pytest.mark.parametrize("keep,err", [(0.0, ValueError), (1.5, ValueError), (True, TypeError), (None, TypeError)])
+def test_svcca_bad_keep(keep, err):
+    with pytest.raises(err, match="keep"):
         svcca(torch.randn(20, 2), torch.randn(20, 2), keep=keep)
