@@ -83,13 +83,12 @@ class ExpertLinear(nn.Module):
             h: ``[i, b]`` (input shared by all experts, e.g. ``x.T``) or ``[n, i, b]`` (one input per expert).
 
         Returns:
-            ``[n, o, b]``, contiguous.
+            ``[(n o), b]`` for a shared input, ``[n, o, b]`` otherwise; contiguous base tensors.
         """
         n, o = self.num_experts, self.out_features
         if h.ndim == 2:  # shared input: one wide GEMM  [(n o), i] @ [i, b]
             w = self.weight.reshape(n * o, self.in_features)
-            y = w @ h if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, h)
-            return y.view(n, o, h.shape[1])
+            return w @ h if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, h)
         if self.bias is None:  # per-expert input: one batched matmul  [n, o, i] @ [n, i, b]
             return torch.bmm(self.weight, h)
         return torch.baddbmm(self.bias.view(n, o, 1), self.weight, h)
@@ -171,11 +170,16 @@ def make_expert_norm(
     )
 
 
-def apply_expert_norm(norm: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
-    """Applies a fused per-expert norm to ``[n, o, b]`` activations without copying them."""
+def apply_expert_norm(norm: nn.Module | None, h: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Applies a fused per-expert norm to layer outputs ``h`` (``[(n o), b]`` or ``[n, o, b]``).
+
+    The input is only *viewed* (free); the result is a new base tensor (``[1, (n o), b]`` for BatchNorm,
+    ``[n, o, b]`` for LayerNorm, ``h`` itself without a norm), so an in-place activation on it never
+    touches a view (which would make autograd copy the whole tensor in backward).
+    """
     if norm is None or isinstance(norm, nn.Identity):
         return h
+    b = h.shape[-1]
     if isinstance(norm, ExpertLayerNorm):
-        return norm(h)
-    n, o, b = h.shape
-    return norm(h.view(1, n * o, b)).view(n, o, b)
+        return norm(h.view(num_experts, -1, b))
+    return norm(h.view(1, -1, b))

@@ -84,13 +84,15 @@ class ExpertBank(nn.Module):
     def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Runs every expert on ``x [B, d]``; returns ``[N, output_dim, B]`` (the bank's internal layout)."""
         self._check_input(x)
-        h = x.t()  # [d, b], a view: the first GEMM reads it transposed
+        n, b = self.num_experts, x.shape[0]
+        h = self.linears[0](x.t())  # one GEMM on the shared input (x.t() is a free view) -> [(n h), b]
         for i, linear in enumerate(self.linears):
-            h = linear(h)
-            h = apply_expert_norm(self.norms[i], h)
+            if i > 0:
+                h = linear(h.view(n, -1, b))  # one batched matmul -> [n, o, b]
+            h = apply_expert_norm(self.norms[i], h, n)
             if i < len(self.acts):
-                h = self.acts[i](h)
-        return h
+                h = self.acts[i](h)  # in place on a base tensor, never on a view
+        return h.view(n, -1, b)
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         """Returns all expert outputs ``[B, N, o]`` or, with ``gates [B, T, N]``, the mixtures ``[T, B, o]``."""
@@ -104,7 +106,8 @@ class ExpertBank(nn.Module):
     @staticmethod
     def mix(expert_out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Mixes ``[N, o, B]`` expert outputs with ``gates [B, T, N]`` into ``[T, B, o]`` (one batched matmul)."""
-        per_sample = rearrange(expert_out, "n o b -> b n o")
+        # contiguous [b, n, o]: bmm over B small matrices is ~1.5x faster than on the strided view
+        per_sample = rearrange(expert_out, "n o b -> b n o").contiguous()
         mixed = torch.bmm(gates.to(per_sample.dtype), per_sample)  # [b, t, o]
         return rearrange(mixed, "b t o -> t b o")
 

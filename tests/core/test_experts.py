@@ -260,3 +260,31 @@ def test_bad_gates_and_constructor():
         ExpertBank(2, 6, 5, 3, norm_layer=nn.GroupNorm)
     with pytest.raises(ValueError, match="empty"):
         ExpertBank.from_modules([])
+
+
+class _BigCopyCounter(TorchDispatchMode):
+    """Records copy/fill/clone ops on activation-sized tensors (what a layout copy or CopySlices would add)."""
+
+    def __init__(self, threshold):
+        super().__init__()
+        self.threshold, self.seen = threshold, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__
+        if any(k in name for k in ("copy", "fill", "clone", "contiguous", "zeros")):
+            t = args[0] if args and isinstance(args[0], torch.Tensor) else out
+            if isinstance(t, torch.Tensor) and t.numel() >= self.threshold:
+                self.seen.append((name, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "none"])
+def test_no_activation_sized_copies_between_layers(norm):
+    n, h, b = 6, 32, 40
+    bank = ExpertBank(n, 16, h, 8, norm_layer=NORMS[norm])
+    x = torch.randn(b, 16, requires_grad=True)
+    gates = torch.softmax(torch.randn(b, 2, n), -1)
+    with _BigCopyCounter(threshold=n * h * b) as c:
+        bank(x, gates).sum().backward()
+    assert c.seen == []
