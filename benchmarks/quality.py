@@ -4,7 +4,8 @@
 Runs the examples' own code (``examples/pretrain.py`` and ``examples/transfer.py``, imported) for
 head ∈ {single, separate, shared, star} and N ∈ {2, 4, 8, 16} experts for STAR, 3 seeds each, with
 the EquiMod-style objective (``--head single`` = the invariant-only SimCLR baseline), then probes
-every backbone with the linear-probe protocol. Writes docs/benchmarks/quality.json and the
+every backbone with the linear-probe protocol; an untrained backbone of each seed ("random init")
+is probed too, as the floor that pretraining must beat. Writes docs/benchmarks/quality.json and the
 ``quality`` section of docs/results.md:
 
 * CCA(inv, eq): mean canonical correlation between the invariant and equivariant embeddings of a
@@ -18,7 +19,7 @@ every backbone with the linear-probe protocol. Writes docs/benchmarks/quality.js
 The CPU budget is small (2 shared cores): a few epochs on 2048 images with a width-16 ConvNet (see
 SETTINGS). Usage::
 
-    python benchmarks/quality.py                 # full grid (21 runs), ~25 min on 2 idle cores
+    python benchmarks/quality.py --jobs 2        # full grid (21 runs + 3 random inits), ~15 min
     python benchmarks/quality.py --quick         # 2 configs × 1 seed × 2 steps: a smoke test
     python benchmarks/quality.py --jobs 2        # two runs at a time, one thread each
 Finished runs are reused (their run directory holds results.json), so an interrupted grid continues.
@@ -42,14 +43,14 @@ from benchmarks._report import machine_info, markdown_table, write_json, write_s
 
 __all__ = ["CONFIGS", "SETTINGS", "main", "run_one", "summarize"]
 
-CONFIGS: list[tuple[str, int | None]] = [("single", None), ("separate", None), ("shared", None),
+CONFIGS: list[tuple[str, int | None]] = [("random", None), ("single", None), ("separate", None), ("shared", None),
                                          ("star", 2), ("star", 4), ("star", 8), ("star", 16)]
 SEEDS = (0, 1, 2)
 SETTINGS = {"epochs": 4, "batch_size": 128, "num_train": 2048, "num_heldout": 1024, "width": 16}
 TRANSFER = {"grid_points": 12, "num_train": 1000, "num_test": 1000, "max_iter": 200}
 QUICK_CONFIGS: list[tuple[str, int | None]] = [("separate", None), ("star", 2)]
-QUICK = {"epochs": 1, "batch_size": 32, "num_train": 64, "num_heldout": 256, "width": 4, "steps_per_epoch": 2}
-QUICK_TRANSFER = {"grid_points": 2, "num_train": 100, "num_test": 100, "max_iter": 30}
+QUICK = {"epochs": 1, "batch_size": 16, "num_train": 32, "num_heldout": 160, "width": 4, "steps_per_epoch": 2}
+QUICK_TRANSFER = {"grid_points": 2, "num_train": 60, "num_test": 40, "max_iter": 20, "tasks": ["shape", "color"]}
 TASKS = ("shape", "color", "rotation", "digits")
 
 
@@ -70,6 +71,23 @@ def gate_specialisation(gate_mean: list[list[float]] | None) -> dict[str, Any]:
             "experts_inv": roles.count("inv"), "experts_eq": roles.count("eq"), "experts_shared": roles.count("shared")}
 
 
+def _random_init_run(run_dir: Path, seed: int, settings: dict) -> None:
+    """A run directory holding an untrained backbone (seeded like a pretraining run): the no-pretraining baseline."""
+    import torch
+
+    import pretrain
+    from common.backbones import build_backbone
+    from common.runs import RunDir
+
+    cfg = vars(pretrain.build_parser().parse_args(["--out", str(run_dir), "--seed", str(seed)]))
+    cfg.update(settings, head="random", backbone="convnet", image_size=32, invariant_only=True, tag="quality")
+    torch.manual_seed(seed)
+    backbone, dim = build_backbone("convnet", width=settings["width"])
+    run = RunDir.create(run_dir, overwrite=True)
+    run.write_config({k: v for k, v in cfg.items() if k not in ("out", "resume", "overwrite")})
+    run.save_checkpoint({"epoch": 0, "step": 0, "feature_dim": dim, "backbone": backbone.state_dict()})
+
+
 def run_one(head: str, n: int | None, seed: int, out_root: str, settings: dict, transfer_kw: dict,
             threads: int | None = None) -> dict[str, Any]:
     """Pretrains and probes one configuration (reusing a finished run directory); returns its row."""
@@ -87,6 +105,10 @@ def run_one(head: str, n: int | None, seed: int, out_root: str, settings: dict, 
         cfg = json.loads(res_path.read_text())["config"]
         if any(cfg.get(k) != v for k, v in settings.items()) or cfg.get("head") != head:
             res_path.unlink()
+    reused = res_path.exists()
+    if not res_path.exists() and head == "random":
+        _random_init_run(run_dir, seed, settings)
+        transfer.run_transfer(run_dir, **transfer_kw)
     if not res_path.exists():
         cmd = ["--dataset", "shapes", "--method", "equimod", "--head", head, "--seed", str(seed), "--out", str(run_dir),
                "--overwrite", "--tag", "quality", "--device", "cpu", "--no-progress"]
@@ -98,7 +120,7 @@ def run_one(head: str, n: int | None, seed: int, out_root: str, settings: dict, 
     row = {"head": head, "num_experts": n, "seed": seed, "cca_mean": fin.get("cca_mean"), "cca_null": fin.get("cca_null"),
            "knn_acc": fin.get("knn_acc"), **{f"acc_{t}": v["accuracy"] for t, v in res["tasks"].items()},
            **gate_specialisation(fin.get("gate_mean")),
-           "effective_experts": fin.get("effective_experts"), "time_s": time.perf_counter() - t0}
+           "effective_experts": fin.get("effective_experts"), "time_s": time.perf_counter() - t0, "reused": reused}
     print(json.dumps({k: v for k, v in row.items() if k != "effective_experts"}), flush=True)
     return row
 
@@ -120,7 +142,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for head, n in dict.fromkeys((r["head"], r["num_experts"]) for r in rows):
         rs = [r for r in rows if r["head"] == head and r["num_experts"] == n]
-        label = {"single": "single (SimCLR, inv. only)", "separate": "separate (EquiMod)",
+        label = {"random": "random init (no pretraining)", "single": "single (SimCLR, inv. only)", "separate": "separate (EquiMod)",
                  "shared": "shared (STAR-SS)"}.get(head, f"STAR N={n}")
         roles = [(r["experts_shared"], r["experts_inv"], r["experts_eq"]) for r in rs if r["experts_inv"] is not None]
         out.append({
@@ -162,12 +184,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     wall = time.perf_counter() - t0
     table = summarize(rows)
     payload = {"machine": machine_info(), "settings": settings, "transfer": tkw, "seeds": list(seeds),
-               "quick": args.quick, "wall_time_s": wall, "runs": rows, "summary": table}
+               "quick": args.quick, "jobs": args.jobs, "wall_time_s": wall,
+               "reused_runs": sum(r["reused"] for r in rows), "runs": rows, "summary": table}
     write_json(args.json, payload)
     cols = ["head", "seeds", "CCA(inv,eq) ↓", "null", *TASKS, "kNN", "gate TV", "experts sh/inv/eq"]
     body = (
-        f"Measured on {payload['machine']['cpu']} ({payload['machine']['torch_threads']} threads, shared with other "
-        f"jobs), torch {payload['machine']['torch']}; grid wall time {wall / 60:.1f} min. Settings: EquiMod-style "
+        f"Measured on {payload['machine']['cpu']} (2 cores shared with other jobs; {args.jobs} run(s) at a time, "
+        f"{threads or payload['machine']['torch_threads']} thread(s) each), torch {payload['machine']['torch']}. Settings: EquiMod-style "
         f"objective on `shapes`, ConvNet width {settings['width']}, {settings['epochs']} epochs × "
         f"{settings['num_train'] // settings['batch_size']} steps of batch {settings['batch_size']}, SGD 0.03 cosine; "
         f"probe grid {tkw['grid_points']} points of logspace(-6, 5), {tkw['num_train']} train (20% val) / "

@@ -34,7 +34,7 @@ __all__ = ["DEMO", "QUICK", "main"]
 
 TAG = "demo"
 # Pretraining settings of the demo (the rest are pretrain.py's defaults: equimod, star, SGD 0.03).
-DEMO = {"epochs": 8, "batch_size": 128, "num_train": 3072, "num_heldout": 1024, "width": 16, "num_experts": 8}
+DEMO = {"epochs": 12, "batch_size": 128, "num_train": 2048, "num_heldout": 1024, "width": 16, "num_experts": 8}
 QUICK = {"epochs": 1, "batch_size": 32, "num_train": 64, "num_heldout": 256, "width": 4, "num_experts": 4,
          "steps_per_epoch": 2}
 TRANSFER = {"grid_points": 12, "num_train": 2000, "num_test": 1000}
@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help=f"pretraining epochs (default {DEMO['epochs']})")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads. 1 by default: ~1.5x slower than 2 on an idle 2-core CPU, but 2 threads "
+                   "slow down 10x or more when other jobs share the cores")
     return p
 
 
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     cmd = ["--dataset", "shapes", "--method", "equimod", "--head", "star", "--out", str(out.path), "--overwrite",
            "--tag", TAG, "--device", args.device, "--seed", str(args.seed)]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()] + extra
+    cmd += ["--threads", str(args.threads)]
     print("pretrain.py " + " ".join(cmd), flush=True)
     pretrain.main(cmd)
     t1 = time.perf_counter()

@@ -53,6 +53,7 @@ from common.training import (  # noqa: E402
     build_augment,
     evaluate,
     make_loader,
+    original_view,
     progress,
 )
 
@@ -247,7 +248,7 @@ def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any =
     gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] * 1000 + rank)
     start_epoch, step = 0, 0
     if resume:
-        ckpt = run.load_checkpoint(map_location=device)
+        ckpt = run.load_checkpoint(map_location="cpu")  # RNG states must stay CPU tensors
         model.backbone.load_state_dict(ckpt["backbone"])
         model.adapter.load_state_dict(ckpt["adapter"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -287,7 +288,7 @@ def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any =
             x = to_float(batch.to(device, non_blocking=True))
             x1, p1 = aug(x, generator=gen)
             x2, p2 = aug(x, generator=gen)
-            x0 = aug.original(x)
+            x0 = original_view(aug, x)
             with amp:
                 out = fwd(x0, x1, x2, p1, p2)
             opt.zero_grad(set_to_none=True)

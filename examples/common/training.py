@@ -20,7 +20,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from common.datasets import PretrainData, to_float
 from common.knn import knn_accuracy
 
-__all__ = ["SSLModel", "build_adapter", "build_augment", "evaluate", "extract_features", "make_loader", "progress"]
+__all__ = [
+    "SSLModel", "build_adapter", "build_augment", "evaluate", "extract_features", "make_loader", "original_view", "progress",
+]
 
 
 class SSLModel(nn.Module):
@@ -89,6 +91,11 @@ def make_loader(images: torch.Tensor, cfg: dict[str, Any], rank: int, world: int
     return loader, sampler
 
 
+def original_view(aug: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The un-augmented view x0 (``aug.original``: whole image resized to the view size); no copy when sizes match."""
+    return x if tuple(x.shape[-2:]) == tuple(aug.config.size) else aug.original(x)
+
+
 @contextlib.contextmanager
 def _eval_mode(*modules: nn.Module):
     modes = [m.training for m in modules]
@@ -109,8 +116,8 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, aug: nn.Module |
     with _eval_mode(backbone):
         for chunk in images.split(batch_size):
             x = to_float(chunk.to(device, non_blocking=True))
-            if aug is not None and tuple(x.shape[-2:]) != tuple(aug.config.size):
-                x = aug.original(x)
+            if aug is not None:
+                x = original_view(aug, x)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled):
                 out.append(backbone(x).float())
     return torch.cat(out)

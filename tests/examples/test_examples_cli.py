@@ -61,17 +61,24 @@ def test_pretrain_then_transfer_end_to_end(tmp_path):
     assert cmp.stdout.count("run (equimod/star-2)") == 2
 
 
-def test_demo_quick_runs_and_replaces_only_its_own_run(tmp_path):
+def test_demo_quick_runs_and_replaces_only_its_own_run(tmp_path, capsys):
     out = tmp_path / "demo"
-    proc = _run(str(EX / "demo.py"), "--quick", "--out", str(out))
+    proc = _run(str(EX / "demo.py"), "--quick", "--out", str(out))  # the README command's CI form
     assert "Final CCA(inv, eq)" in proc.stdout and "| digits (out-of-domain) |" in proc.stdout
     assert json.loads((out / "config.json").read_text())["tag"] == "demo"
-    _run(str(EX / "demo.py"), "--quick", "--out", str(out))  # a previous demo run is replaced
+    sys.path.insert(0, str(EX))
+    import demo
+
+    first = (out / "checkpoint.pt").stat().st_mtime_ns
+    assert demo.cli(["--quick", "--out", str(out)]) == 0  # a previous demo run is replaced
+    assert (out / "checkpoint.pt").stat().st_mtime_ns != first
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text('{"head": "separate"}')
-    bad = _run(str(EX / "demo.py"), "--quick", "--out", str(other), check=False)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not made by demo.py" in bad.stderr
+    capsys.readouterr()
+    assert demo.cli(["--quick", "--out", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "not made by demo.py" in err
     assert (other / "config.json").read_text() == '{"head": "separate"}'
 
 
