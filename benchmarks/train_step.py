@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -212,8 +213,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown(payload: dict[str, Any]) -> str:
-    m, r = payload["machine"], payload["cpu"]
+def _step_table(r: dict[str, Any]) -> str:
     c, s = r["config"], r["step_ms"]
     names = {"star": f"STAR head (N={c['experts']}) + STAR predictor", "equimod": "EquiMod separate heads + predictor",
              "simclr": "SimCLR (one head, 2 views)", "backbone": "backbone only (3 views)"}
@@ -225,7 +225,12 @@ def markdown(payload: dict[str, Any]) -> str:
                      _fmt(r["saved_mb"][k]), _fmt(r["peak_step_mb"][k])])
     lines = ["| variant | step ms | / EquiMod | wall ms | head params | predictor params | backbone params | "
              "saved MB | peak step MB |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    m, r = payload["machine"], payload["cpu"]
+    c, s = r["config"], r["step_ms"]
     pr, g = r["projection"], r["goal"]
     cca = r["cca_logging"]
     if "per_step_ms" in cca:
@@ -246,8 +251,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"*step ms* = median process CPU time of {c['repeats']} interleaved steps after {c['warmup']} warm-up "
         "(see the expert-bank section for why CPU time); saved MB = activations kept for backward; peak step MB = "
         "heap growth during one step (glibc `mallinfo2` after every op).",
-        "\n".join(lines),
-        f"Goal: STAR step ≤ 1.15× the separate-heads step at the STL10 head config (N=16, d=512, batch 256): measured "
+        _step_table(r),
+        f"Goal: STAR step ≤ 1.15× the separate-heads step at the STL10 head config (here N={c['experts']}, "
+        f"d={r['feature_dim']}, batch {c['batch']}): measured "
         f"**{g['star_vs_equimod']:.3f}×** ({'met' if g['met'] else 'not met'}). The heads add "
         f"{r['head_overhead_ms']['star']:.0f} ms (STAR) and {r['head_overhead_ms']['equimod']:.0f} ms (EquiMod) to the "
         f"{s['backbone']:.0f} ms backbone step.",
@@ -257,6 +263,10 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{pr['star_vs_equimod_projected']:.3f}.",
         cca_line,
     ]
+    if "cuda" in payload:
+        gpu = payload["cuda"]
+        parts += [f"GPU ({m.get('gpu')}), same step, CUDA-event time, peak = `torch.cuda.max_memory_allocated` growth:",
+                  _step_table(gpu), f"STAR / EquiMod on the GPU: **{gpu['goal']['star_vs_equimod']:.3f}×**."]
     return "\n\n".join(parts) + "\n"
 
 
@@ -266,18 +276,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see expert_bank.py)")
     p.add_argument("--out-json", type=Path)
     p.add_argument("--out-md", type=Path)
+    p.add_argument("--from-json", type=Path, help="re-render the markdown section from a saved JSON (no timing)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     quick_dir = Path(tempfile.gettempdir()) / "star_heads_bench_quick"
     out_json = a.out_json or (quick_dir / "train_step.json" if a.quick else DOCS / "benchmarks" / "train_step.json")
     out_md = a.out_md or (quick_dir / "benchmarks.md" if a.quick else DOCS / "benchmarks.md")
-    cfg = QUICK if a.quick else FULL
-    payload: dict[str, Any] = {"benchmark": "train_step", "quick": a.quick, "machine": machine_info(),
-                               "load_avg_start": list(os.getloadavg())}
-    payload["cpu"] = run(cfg, torch.device("cpu"))
-    if torch.cuda.is_available():
-        payload["cuda"] = run(cfg, torch.device("cuda"))
-    payload["load_avg_end"] = list(os.getloadavg())
+    if a.from_json:
+        payload = json.loads(a.from_json.read_text())
+    else:
+        cfg = QUICK if a.quick else FULL
+        payload = {"benchmark": "train_step", "quick": a.quick, "machine": machine_info(),
+                   "load_avg_start": list(os.getloadavg())}
+        payload["cpu"] = run(cfg, torch.device("cpu"))
+        if torch.cuda.is_available():
+            payload["cuda"] = run(cfg, torch.device("cuda"))
+        payload["load_avg_end"] = list(os.getloadavg())
     write_json(out_json, payload)
     write_section(out_md, "train_step", markdown(payload))
     print(f"wrote {out_json}, {out_md} (section train_step)")
