@@ -20,7 +20,7 @@ The CPU budget is small (2 shared cores): a few epochs on 2048 images with a wid
 SETTINGS). Usage::
 
     python benchmarks/quality.py --jobs 2        # full grid (21 runs + 3 random inits), ~15 min
-    python benchmarks/quality.py --quick         # 2 configs × 1 seed × 2 steps: a smoke test
+    python benchmarks/quality.py --quick         # 3 configs × 1 seed × 2 steps: a smoke test
     python benchmarks/quality.py --jobs 2        # two runs at a time, one thread each
 Finished runs are reused (their run directory holds results.json), so an interrupted grid continues.
 """
@@ -48,7 +48,7 @@ CONFIGS: list[tuple[str, int | None]] = [("random", None), ("single", None), ("s
 SEEDS = (0, 1, 2)
 SETTINGS = {"epochs": 4, "batch_size": 128, "num_train": 2048, "num_heldout": 1024, "width": 16}
 TRANSFER = {"grid_points": 12, "num_train": 1000, "num_test": 1000, "max_iter": 200}
-QUICK_CONFIGS: list[tuple[str, int | None]] = [("separate", None), ("star", 2)]
+QUICK_CONFIGS: list[tuple[str, int | None]] = [("random", None), ("separate", None), ("star", 2)]
 QUICK = {"epochs": 1, "batch_size": 16, "num_train": 32, "num_heldout": 160, "width": 4, "steps_per_epoch": 2}
 QUICK_TRANSFER = {"grid_points": 2, "num_train": 60, "num_test": 40, "max_iter": 20, "tasks": ["shape", "color"]}
 TASKS = ("shape", "color", "rotation", "digits")
@@ -158,7 +158,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quality.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 configs × 1 seed × 2 steps (smoke test)")
+    p.add_argument("--quick", action="store_true", help="random init, separate, STAR N=2 × 1 seed × 2 steps (smoke test)")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "quality"), help="where the run directories go")
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks" / "quality.json"))
     p.add_argument("--md", default=str(ROOT / "docs" / "results.md"))

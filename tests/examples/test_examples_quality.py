@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples")]
 pytest.importorskip("kornia")
 pytest.importorskip("sklearn")
 
@@ -31,10 +32,17 @@ def test_quick_grid_writes_json_and_markdown(tmp_path):
                          "--md", str(md)])
     assert [(r["head"], r["num_experts"]) for r in rows] == quality.QUICK_CONFIGS
     data = json.loads((tmp_path / "q.json").read_text())
-    assert data["quick"] and len(data["runs"]) == 2 and data["summary"][1]["head"] == "STAR N=2"
-    star = data["runs"][1]
+    assert data["quick"] and len(data["runs"]) == 3 and data["summary"][2]["head"] == "STAR N=2"
+    rand, sep, star = data["runs"]
     assert star["gate_tv"] is not None and star["experts_inv"] + star["experts_eq"] + star["experts_shared"] == 2
-    assert data["runs"][0]["gate_tv"] is None  # separate heads have no router
+    assert sep["gate_tv"] is None and sep["cca_mean"] is not None  # separate heads: CCA but no router
+    assert rand["cca_mean"] is None and 0.0 <= rand["acc_shape"] <= 1.0  # untrained backbone, probed only
+    ckpt = torch.load(tmp_path / "runs" / "random-s0" / "checkpoint.pt", weights_only=False)
+    torch.manual_seed(0)
+    from common.backbones import build_backbone
+
+    fresh = build_backbone("convnet", width=quality.QUICK["width"])[0].state_dict()
+    assert all(torch.equal(fresh[k], ckpt["backbone"][k]) for k in fresh)  # really the seeded initialisation
     text = md.read_text()
     assert "kept text" in text and "<!-- BEGIN quality -->" in text and "| STAR N=2 |" in text
     # A second call reuses the finished runs (same settings) instead of training again.
