@@ -28,7 +28,6 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
@@ -44,8 +43,17 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common.backbones import BACKBONES, build_backbone, resolve_backbone  # noqa: E402
-from common.datasets import DATASETS, DatasetError, pretrain_data, to_float  # noqa: E402
+from common.backbones import build_backbone, resolve_backbone  # noqa: E402
+from common.datasets import DatasetError, pretrain_data, to_float  # noqa: E402
+from common.options import (  # noqa: E402
+    HEADS,
+    METHODS,
+    RUNTIME_KEYS,
+    CLIError,
+    build_parser,
+    resolve_device,
+    validate,
+)
 from common.runs import RunDir, RunError, capture_rng, restore_rng  # noqa: E402
 from common.training import (  # noqa: E402
     SSLModel,
@@ -58,110 +66,6 @@ from common.training import (  # noqa: E402
 )
 
 __all__ = ["HEADS", "METHODS", "CLIError", "build_parser", "cli", "main", "train"]
-
-METHODS = ("simclr", "vicreg", "equimod")
-HEADS = ("star", "separate", "shared", "single")
-# Options a resumed run may change (everything else comes from the run's config.json).
-RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads")
-
-
-class CLIError(Exception):
-    """Bad command-line input, reported as one line with a non-zero exit code."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="pretrain.py",
-        description="Self-supervised pretraining with a STAR head (or a baseline head). "
-        "Writes config.json, metrics.jsonl, checkpoint.pt and plots into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("objective and head")
-    g.add_argument("--method", default="equimod", choices=METHODS,
-                   help="trainer style: SimCLR (NT-Xent), VICReg, or EquiMod (NT-Xent invariant + equivariant)")
-    g.add_argument("--head", default="star", choices=HEADS,
-                   help="star = STAR soft-routed experts; separate = EquiMod's two heads; shared = STAR-SS "
-                   "(shared + specific experts); single = one invariant head (invariant-only baseline)")
-    g.add_argument("--num-experts", type=int, default=8, help="experts N of the STAR head")
-    g.add_argument("--invariant-only", action="store_true",
-                   help="train only the invariant objective adapter(h1, h2) (implied by --head single)")
-    g.add_argument("--predictor", default="star", choices=("star", "equimod"),
-                   help="equivariant predictor: STAR's residual MLP or EquiMod's single linear layer")
-    g.add_argument("--lam", type=float, default=1.0, help="weight λ of the equivariant loss")
-    g.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (simclr / equimod)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--batch-size", type=int, default=256, help="global batch (split across torchrun processes)")
-    g.add_argument("--lr", type=float, default=0.03, help="SGD learning rate (cosine decay per epoch, no warm-up)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="via star_heads.param_groups (no decay on biases / norms)")
-    g.add_argument("--steps-per-epoch", type=int, default=None, help="cap on optimiser steps per epoch (smoke tests)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("data and backbone")
-    g.add_argument("--dataset", default="shapes", choices=DATASETS,
-                   help="shapes = embedded procedural images (no download); digits = scikit-learn's digits; "
-                   "cifar10 / stl10 need torchvision")
-    g.add_argument("--data-dir", default=None, help="root of the torchvision data sets")
-    g.add_argument("--download", action="store_true", help="let torchvision download cifar10 / stl10 into --data-dir")
-    g.add_argument("--image-size", type=int, default=None, help="crop size of the views (default 32; 96 for stl10)")
-    g.add_argument("--num-train", type=int, default=4096, help="shapes: pretraining images to generate")
-    g.add_argument("--num-heldout", type=int, default=1024, help="held-out images for CCA and kNN queries")
-    g.add_argument("--backbone", default="auto", choices=BACKBONES,
-                   help="auto = ResNet-18 for cifar10/stl10 when torchvision imports, else the built-in ConvNet")
-    g.add_argument("--width", type=int, default=32, help="ConvNet first-stage width (features = 8 × width)")
-    g.add_argument("--cifar-stem", action="store_true", help="ResNet: 3×3 stride-1 stem without max-pool (small images)")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run directory (required unless --resume)")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace the run files already in --out")
-    g.add_argument("--tag", default=None, help="free-form label stored in config.json (demo.py and the benchmark use it)")
-    g.add_argument("--stop-after", type=int, default=None, metavar="K",
-                   help="stop after K epochs in this invocation (e.g. a time-limited job); continue with --resume")
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (for GPUs; allowed but slow on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy or small CPU)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
-    return p
-
-
-def _validate(cfg: dict[str, Any]) -> None:
-    for key in ("epochs", "batch_size", "num_experts", "num_train", "num_heldout", "width"):
-        if cfg[key] < 1:
-            raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("steps_per_epoch", "stop_after", "image_size", "threads"):
-        if cfg.get(key) is not None and cfg[key] < 1:
-            raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    if cfg["num_heldout"] < 130:
-        raise CLIError(f"--num-heldout must be >= 130 (CCA of two 128-D embeddings needs n - 1 > 128), got {cfg['num_heldout']}")
-    if cfg["lr"] <= 0 or cfg["temperature"] <= 0:
-        raise CLIError(f"--lr and --temperature must be > 0, got {cfg['lr']} and {cfg['temperature']}")
-    if cfg["workers"] < 0:
-        raise CLIError(f"--workers must be >= 0, got {cfg['workers']}")
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"--device {name!r} is not a device (expected auto, cpu, cuda or cuda:K)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError("--device cuda given but CUDA is not available here (use --device cpu)")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
-
 
 def _setup_distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -184,7 +88,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise CLIError(f"--threads must be >= 1, got {args['threads']}")
         torch.set_num_threads(args["threads"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(args["device"], local_rank)
+    device = resolve_device(args["device"], local_rank)
     if args["resume"] is not None:
         run = RunDir.open(args["resume"])
         cfg = run.read_config()
@@ -196,7 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
         cfg["image_size"] = cfg["image_size"] or (96 if cfg["dataset"] == "stl10" else 32)
         cfg["backbone"] = resolve_backbone(cfg["backbone"], cfg["dataset"])
         cfg["invariant_only"] = cfg["invariant_only"] or cfg["head"] == "single"
-        _validate(cfg)
+        validate(cfg)
         if RunDir(args["out"]).holds_run() and not args["overwrite"]:
             RunDir.create(args["out"])  # raises the one-line refusal; nothing is touched
         run = None
