@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from common.backbones import build_backbone  # noqa: E402
 from common.datasets import DatasetError, transfer_tasks  # noqa: E402
+from common.options import OneLineParser  # noqa: E402
 from common.probe import linear_probe  # noqa: E402
 from common.runs import RunDir, RunError  # noqa: E402
 
@@ -41,13 +42,8 @@ __all__ = ["build_parser", "cli", "comparison_table", "main", "run_transfer"]
 RESULTS = "results.json"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="transfer.py",
         description="Linear-probe transfer of a pretrained backbone (frozen features, full-batch L-BFGS, "
         "L2 weight chosen on a validation split, retrained on train+val, scored on test).",

@@ -13,7 +13,7 @@ import torch
 from common.backbones import BACKBONES
 from common.datasets import DATASETS
 
-__all__ = ["HEADS", "METHODS", "RUNTIME_KEYS", "CLIError", "build_parser", "resolve_device", "validate"]
+__all__ = ["HEADS", "METHODS", "RUNTIME_KEYS", "CLIError", "OneLineParser", "build_parser", "resolve_device", "validate"]
 
 METHODS = ("simclr", "vicreg", "equimod")
 HEADS = ("star", "separate", "shared", "single")
@@ -25,14 +25,16 @@ class CLIError(Exception):
     """Bad command-line input, reported as one line with a non-zero exit code."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse parser whose errors are one line (no usage block) with exit code 2."""
+
     def error(self, message: str) -> None:  # one line, no usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of pretrain.py (``--help`` documents every option)."""
-    p = _Parser(
+    p = OneLineParser(
         prog="pretrain.py",
         description="Self-supervised pretraining with a STAR head (or a baseline head). "
         "Writes config.json, metrics.jsonl, checkpoint.pt and plots into --out.",
