@@ -306,3 +306,19 @@ def test_docs_examples_run():
     assert blocks
     for block in blocks:
         exec(compile(block, path, "exec"), {})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_normaliser_update_has_no_graph_break_without_finite_check(momentum):
+    """No .item() / host sync in the update: it compiles as one graph (fullgraph raises on a break)."""
+    torch._dynamo.reset()
+    eager = AugParamNormalizer(5, momentum=momentum, check_finite=False)
+    compiled_mod = AugParamNormalizer(5, momentum=momentum, check_finite=False)
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = torch.rand(7, 5, generator=g) * 3
+        torch.testing.assert_close(compiled(batch), eager(batch))
+    torch.testing.assert_close(compiled_mod.running_var, eager.running_var)
+    assert int(compiled_mod.num_samples) == 21

@@ -60,6 +60,9 @@ class AugParamNormalizer(nn.Module):
         eps: Std threshold below which a dimension is not scaled.
         track_running_stats: Update statistics in training mode.
         sync_distributed: All-reduce batch statistics across ranks when distributed.
+        check_finite: Refuse NaN/Inf parameters before updating the statistics. This is the one
+            host-device synchronisation of a training step; ``False`` removes it (and lets a
+            non-finite batch poison the statistics).
     """
 
     running_mean: Tensor
@@ -74,6 +77,7 @@ class AugParamNormalizer(nn.Module):
         eps: float = 1e-6,
         track_running_stats: bool = True,
         sync_distributed: bool = True,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         self.dim = check_positive_int(dim, "dim")
@@ -85,6 +89,7 @@ class AugParamNormalizer(nn.Module):
         self.eps = float(eps)
         self.track_running_stats = bool(track_running_stats)
         self.sync_distributed = bool(sync_distributed)
+        self.check_finite = bool(check_finite)
         self.register_buffer("running_mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("running_var", torch.ones(dim, dtype=torch.float64))
         self.register_buffer("num_samples", torch.zeros((), dtype=torch.int64))
@@ -131,40 +136,45 @@ class AugParamNormalizer(nn.Module):
         return check_float_tensor(params, "params", sizes=[None, self.dim])
 
     @torch.no_grad()
-    def _batch_stats(self, params: Tensor) -> tuple[int, Tensor, Tensor]:
-        """(count, mean, population var) of the batch, all-reduced over ranks when distributed."""
+    def _batch_stats(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(count, mean, population var) of the batch as float64 tensors, all-reduced over ranks when
+        distributed. No host-device synchronisation."""
         x = params.detach().double()
         sync = self.sync_distributed and _dist.is_distributed() and _dist.world_size() > 1
-        head = torch.cat([x.new_tensor([x.shape[0]]), x.sum(0)])
-        head = _dist.all_reduce_sum(head) if sync else head
-        count = int(round(head[0].item()))
-        if count == 0:
+        if not sync and x.shape[0] == 0:
             raise ValueError("params must hold at least one row to update the statistics, got 0")
-        mean = head[1:] / count
+        head = torch.cat([x.new_full((1,), float(x.shape[0])), x.sum(0)])
+        head = _dist.all_reduce_sum(head) if sync else head
+        count = head[0]
+        mean = head[1:] / count.clamp_min(1)
         m2 = (x - mean).square().sum(0)
         m2 = _dist.all_reduce_sum(m2) if sync else m2
-        return count, mean, m2 / count
+        return count, mean, m2 / count.clamp_min(1)
 
     @torch.no_grad()
     def update(self, params: Tensor) -> None:
-        """Merges a batch ``[B, dim]`` into the running statistics (validated first)."""
-        params = check_float_tensor(params, "params", sizes=[None, self.dim], finite=True)
+        """Merges a batch ``[B, dim]`` into the running statistics (validated first).
+
+        Runs without host-device synchronisation, except the finiteness check of ``check_finite``.
+        """
+        params = check_float_tensor(params, "params", sizes=[None, self.dim], finite=self.check_finite)
         count, mean_b, var_b = self._batch_stats(params)
-        n_a = int(self.num_samples.item())
+        n_a = self.num_samples.double()
         mean_a, var_a = self.running_mean.double(), self.running_var.double()
-        if n_a == 0:
-            mean, var = mean_b, var_b
-        elif self.momentum is None:
-            n = n_a + count
+        if self.momentum is None:  # Chan's merge; with n_a = 0 it gives the batch statistics exactly
+            n = (n_a + count).clamp_min(1)
             delta = mean_b - mean_a
             mean = mean_a + delta * (count / n)
             var = (n_a * var_a + count * var_b + delta.square() * (n_a * count / n)) / n
-        else:
+        else:  # EMA; the first batch initialises the statistics
             m = self.momentum
-            mean, var = (1 - m) * mean_a + m * mean_b, (1 - m) * var_a + m * var_b
-        self.running_mean.copy_(mean)
-        self.running_var.copy_(var)
-        self.num_samples.add_(count)
+            first = n_a == 0
+            mean = torch.where(first, mean_b, (1 - m) * mean_a + m * mean_b)
+            var = torch.where(first, var_b, (1 - m) * var_a + m * var_b)
+        seen = count > 0  # an empty global batch (possible only when distributed) changes nothing
+        self.running_mean.copy_(torch.where(seen, mean, mean_a))
+        self.running_var.copy_(torch.where(seen, var, var_a))
+        self.num_samples.add_(count.round().long())
 
     @torch.no_grad()
     def reset(self) -> None:
