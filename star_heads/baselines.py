@@ -61,8 +61,8 @@ class SeparateHeads(TaskHead):
         return cls(input_dim, hidden_dim, output_dim, 3, **kwargs)
 
     def _embed(self, x, task_indices, need_gates, need_experts):
-        outs = [self.heads[self.tasks[i]].expert_outputs(x) for i in task_indices]  # each [1, o, b]
-        z = rearrange(torch.cat(outs), "t o b -> t b o")
+        outs = [self.heads[self.tasks[i]](x) for i in task_indices]  # each [b, 1, o]
+        z = rearrange(torch.cat(outs, dim=1), "b t o -> t b o")
         return z, None, (rearrange(z, "t b o -> b t o") if need_experts else None)
 
 
@@ -98,7 +98,8 @@ class SharedSpecificHead(TaskHead):
         self.register_buffer("mixing", mixing, persistent=False)
 
     def _embed(self, x, task_indices, need_gates, need_experts):
-        out = self.experts.expert_outputs(x)  # [n, o, b]
-        gates = self.mixing[task_indices].to(out.dtype).expand(x.shape[0], -1, -1)  # [b, t, n]
-        z = ExpertBank.mix(out, gates)
-        return z, gates, (rearrange(out, "n o b -> b n o") if need_experts else None)
+        gates = self.mixing[task_indices].to(x.dtype).expand(x.shape[0], -1, -1)  # [b, t, n]
+        if need_experts:
+            z, experts = self.experts(x, gates, return_expert_outputs=True)
+            return z, gates, experts
+        return self.experts(x, gates), gates, None

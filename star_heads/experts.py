@@ -45,7 +45,7 @@ class ExpertBank(nn.Module):
         ``forward(x)``: ``x [B, d] -> [B, N, output_dim]`` (every expert's output).
         ``forward(x, gates)``: ``gates [B, T, N] -> [T, B, output_dim]``, the routed mixture
         ``z_t(x) = Σ_k s_{t,k}(x) · E_k(x)`` (STAR Eq. for the task embedding). Experts are computed once
-        however many tasks read them.
+        however many tasks read them; ``return_expert_outputs=True`` also returns them as ``[B, N, o]``.
     """
 
     def __init__(
@@ -81,8 +81,31 @@ class ExpertBank(nn.Module):
         self.acts = nn.ModuleList(_make_act(act_layer) for _ in range(num_layers - 1))
 
     # ------------------------------------------------------------------ forward
-    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Runs every expert on ``x [B, d]``; returns ``[N, output_dim, B]`` (the bank's internal layout)."""
+    def forward(
+        self, x: torch.Tensor, gates: torch.Tensor | None = None, *, return_expert_outputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Runs every expert once and, with ``gates``, mixes them per task.
+
+        Args:
+            x: ``[B, d]`` input features.
+            gates: Optional ``[B, T, N]`` mixing weights (one row per task).
+            return_expert_outputs: With ``gates``, also return every expert's output ``[B, N, o]``.
+
+        Returns:
+            Without ``gates``: every expert's output ``[B, N, o]``. With ``gates``: the mixtures ``[T, B, o]``,
+            or ``(mixtures, expert_outputs)`` when ``return_expert_outputs`` is set.
+        """
+        if gates is not None:
+            self._check_gates(gates, x)
+        out = self._run_experts(x)  # [n, o, b], the bank's private layout
+        if gates is None:
+            return rearrange(out, "n o b -> b n o")
+        per_sample = rearrange(out, "n o b -> b n o").contiguous()  # bmm over B small matrices wants it dense
+        mixed = rearrange(torch.bmm(gates.to(per_sample.dtype), per_sample), "b t o -> t b o")
+        return (mixed, per_sample) if return_expert_outputs else mixed
+
+    def _run_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on ``x [B, d]`` in the bank's features-major layout ``[N, o, B]`` (private)."""
         self._check_input(x)
         n, b = self.num_experts, x.shape[0]
         h = self.linears[0](x.t())  # one GEMM on the shared input (x.t() is a free view) -> [(n h), b]
@@ -93,23 +116,6 @@ class ExpertBank(nn.Module):
             if i < len(self.acts):
                 h = self.acts[i](h)  # in place on a base tensor, never on a view
         return h.view(n, -1, b)
-
-    def forward(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
-        """Returns all expert outputs ``[B, N, o]`` or, with ``gates [B, T, N]``, the mixtures ``[T, B, o]``."""
-        if gates is not None:
-            self._check_gates(gates, x)
-        out = self.expert_outputs(x)  # [n, o, b]
-        if gates is None:
-            return rearrange(out, "n o b -> b n o")
-        return self.mix(out, gates)
-
-    @staticmethod
-    def mix(expert_out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Mixes ``[N, o, B]`` expert outputs with ``gates [B, T, N]`` into ``[T, B, o]`` (one batched matmul)."""
-        # contiguous [b, n, o]: bmm over B small matrices is ~1.5x faster than on the strided view
-        per_sample = rearrange(expert_out, "n o b -> b n o").contiguous()
-        mixed = torch.bmm(gates.to(per_sample.dtype), per_sample)  # [b, t, o]
-        return rearrange(mixed, "b t o -> t b o")
 
     # --------------------------------------------------------------- validation
     def _check_input(self, x: torch.Tensor) -> None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from star_heads._checks import check_float_tensor
@@ -174,10 +173,10 @@ class MMoEHead(TaskHead):
     def _embed(self, x, task_indices, need_gates, need_experts):
         single = len(task_indices) == 1 and self.num_tasks > 1
         gates = self.router(x, task_indices[0] if single else None)  # [b, t, n]
-        out = self.experts.expert_outputs(x)  # [n, o, b]
-        z = ExpertBank.mix(out, gates)  # [t, b, o]
-        experts = rearrange(out, "n o b -> b n o") if need_experts else None
-        return z, gates, experts
+        if need_experts:
+            z, experts = self.experts(x, gates, return_expert_outputs=True)  # [t, b, o], [b, n, o]
+            return z, gates, experts
+        return self.experts(x, gates), gates, None
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Router gates ``[B, T, N]`` alone (cheap: the experts are not evaluated)."""
