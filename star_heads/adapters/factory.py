@@ -73,6 +73,11 @@ def build_head(
     if kind not in HEAD_KINDS:
         raise ValueError(f"unknown head kind {kind!r}; expected one of {HEAD_KINDS} or an nn.Module")
     check_bool(match_params, "match_params")
+    if "tasks" in options:
+        raise TypeError(
+            "build_head fixes the tasks (('inv', 'eq'), or ('inv',) for 'single'); for other tasks build the head "
+            f"class directly, got tasks={options['tasks']!r}"
+        )
     router = {k: options.pop(k) for k in ROUTER_OPTIONS if k in options}
     hidden = input_dim if hidden_dim is None else hidden_dim
     if kind == "star" or match_params:
