@@ -55,17 +55,21 @@ DROP_INS = [
 
 def drop_in_table() -> str:
     rows = [
-        "| lightly head | lightly params | lightly FLOPs | STAR drop-in (N = 8): expert hidden | params (× lightly) | FLOPs (× lightly) |",
-        "|---|---|---|---|---|---|",
+        "| lightly head | lightly params | lightly FLOPs | STAR drop-in (N = 8): expert hidden | params (× lightly) "
+        "| FLOPs (× lightly) | with `expert_hidden_dim=hidden_dim`: params (× lightly) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, cls, args, simclr in DROP_INS:
         head = cls(*args, **META)
         defaults = [p.default for p in inspect.signature(cls).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
         full = list(args) + defaults[len(args):]
-        ref = lightly_projection_mlp(*full[:4], full[4] if simclr else True, **META)
+        bn = full[4] if simclr else True
+        ref = lightly_projection_mlp(*full[:4], bn, bn and simclr, **META)
         lp, lf, sp, sf = count_parameters(ref), linear_macs(ref), count_parameters(head), linear_macs(head)
+        wide = count_parameters(cls(*args, expert_hidden_dim=full[1], **META))
         rows.append(
-            f"| `{label}` | {_m(lp)} | {_m(lf)} | {head.hidden_dim} | {_m(sp)} ({sp / lp:.2f}×) | {_m(sf)} ({sf / lf:.2f}×) |"
+            f"| `{label}` | {_m(lp)} | {_m(lf)} | {head.hidden_dim} | {_m(sp)} ({sp / lp:.2f}×) | {_m(sf)} ({sf / lf:.2f}×) "
+            f"| {_m(wide)} ({wide / lp:.1f}×) |"
         )
     return "\n".join(rows)
 

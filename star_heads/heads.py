@@ -331,19 +331,29 @@ class _DefaultTaskHead(MMoEHead):
 
 
 def lightly_projection_mlp(
-    input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, batch_norm: bool = True, **factory: Any
+    input_dim: int,
+    hidden_dim: int,
+    output_dim: int,
+    num_layers: int,
+    batch_norm: bool = True,
+    last_batch_norm: bool = False,
+    **factory: Any,
 ) -> nn.Sequential:
     """The MLP that lightly 1.6 builds for ``SimCLRProjectionHead`` / ``VICRegProjectionHead`` (its
-    ``ProjectionHead`` blocks): ``num_layers - 1`` times ``Linear(bias=not batch_norm) → BatchNorm1d → ReLU``,
-    then ``Linear(bias=True)``. Used to size the drop-ins without importing lightly."""
+    ``ProjectionHead`` blocks, where a Linear has a bias exactly when no BatchNorm follows it):
+    ``num_layers - 1`` times ``Linear → BatchNorm1d → ReLU`` (no BatchNorm without ``batch_norm``), then
+    ``Linear`` (→ ``BatchNorm1d`` with ``last_batch_norm``: SimCLR's head with ``batch_norm=True``). Used
+    to size the drop-ins without importing lightly; a client-tier test compares it with lightly."""
     sizes = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
     layers: list[nn.Module] = []
-    for i in range(num_layers - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=not batch_norm, **factory))
-        if batch_norm:
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        norm = last_batch_norm if last else batch_norm
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=not norm, **factory))
+        if norm:
             layers.append(nn.BatchNorm1d(sizes[i + 1], **factory))
-        layers.append(nn.ReLU())
-    layers.append(nn.Linear(sizes[-2], sizes[-1], **factory))
+        if not last:
+            layers.append(nn.ReLU())
     return nn.Sequential(*layers)
 
 
@@ -364,6 +374,7 @@ class _LightlyDropIn(_DefaultTaskHead):
         output_dim: int,
         num_layers: int,
         batch_norm: bool,
+        last_batch_norm: bool,
         *,
         num_experts: int,
         expert_hidden_dim: int | None,
@@ -381,7 +392,9 @@ class _LightlyDropIn(_DefaultTaskHead):
         if expert_hidden_dim is None:
             expert_hidden_dim = _budget_width(
                 lambda h: MMoEHead(input_dim, h, output_dim, num_layers, **_on_meta(config)),
-                lightly_projection_mlp(input_dim, hidden_dim, output_dim, num_layers, batch_norm, device="meta"),
+                lightly_projection_mlp(
+                    input_dim, hidden_dim, output_dim, num_layers, batch_norm, last_batch_norm, device="meta"
+                ),
             )
         super().__init__(input_dim, expert_hidden_dim, output_dim, num_layers, **config)
         self.lightly_hidden_dim = hidden_dim
@@ -411,8 +424,9 @@ class STARSimCLRProjectionHead(_LightlyDropIn):
 
     SimCLR's projection head (arXiv 2002.05709) made a STAR head (arXiv 2510.27222, Sec. 3): ``head(x)``
     returns the invariant embedding Tensor, ``head(x, task="eq")`` the equivariant one, ``head(x, task=None)``
-    both. ``batch_norm`` switches the experts' hidden BatchNorm. Unlike lightly's head, the experts follow
-    STAR: the last layer is a Linear with bias and no BatchNorm. Sizes: see ``expert_hidden_dim`` below.
+    both. ``batch_norm`` switches the experts' hidden BatchNorm. Unlike lightly's head (whose last Linear is
+    followed by a BatchNorm when ``batch_norm=True``), the experts follow STAR: the last layer is a Linear
+    with bias and no BatchNorm. Sizes: see ``expert_hidden_dim`` below.
 
     Args:
         input_dim, hidden_dim, output_dim, num_layers, batch_norm: As lightly's head (``hidden_dim`` sizes
@@ -439,7 +453,7 @@ class STARSimCLRProjectionHead(_LightlyDropIn):
         **options: Any,
     ) -> None:
         super().__init__(
-            input_dim, hidden_dim, output_dim, num_layers, batch_norm,
+            input_dim, hidden_dim, output_dim, num_layers, batch_norm, batch_norm,
             num_experts=num_experts, expert_hidden_dim=expert_hidden_dim, tasks=tasks, **options,
         )
 
@@ -464,6 +478,6 @@ class STARVICRegProjectionHead(_LightlyDropIn):
         **options: Any,
     ) -> None:
         super().__init__(
-            input_dim, hidden_dim, output_dim, num_layers, True,
+            input_dim, hidden_dim, output_dim, num_layers, True, False,
             num_experts=num_experts, expert_hidden_dim=expert_hidden_dim, tasks=tasks, **options,
         )
