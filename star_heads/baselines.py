@@ -26,7 +26,7 @@ __all__ = ["SeparateHeads", "SharedSpecificHead"]
 
 
 class SeparateHeads(TaskHead):
-    """One independent MLP per task (the separate-heads baseline of EquiMod).
+    """One independent MLP per task (the separate-heads baseline of EquiMod, ICLR 2023, arXiv 2211.01244).
 
     Each task owns a single-expert :class:`ExpertBank`, so ``head(x, task=...)`` computes only that task's MLP.
 
@@ -81,7 +81,7 @@ class SeparateHeads(TaskHead):
     ) -> SeparateHeads:
         """Separate heads whose hidden width makes them as large as ``reference`` (a fair STAR baseline).
 
-        STAR's gains are reported against EquiMod's separate heads at roughly matched size (STAR, Sec. 4,
+        STAR's gains are reported against EquiMod's separate heads at roughly matched size (STAR experiments,
         arXiv 2510.27222); this picks the hidden width so that the parameter count is within 5 % of the
         reference's and the FLOPs within 10 % (counts defined in :mod:`star_heads.sizing`: all parameters;
         multiply-adds per sample of the Linear layers, routers included).

@@ -300,7 +300,7 @@ def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias) -> dict[st
 
 
 class STARHead(MMoEHead):
-    """MMoE head with the STAR paper's defaults (Sec. 4 of arXiv 2510.27222): hidden = input_dim, output 128,
+    """MMoE head with the STAR paper's defaults (its experimental setup, arXiv 2510.27222): hidden = input_dim, output 128,
     3 layers, tasks inv/eq, N = 8.
 
     Experts are ``d → d → d → 128`` MLPs (Linear no bias → BN → ReLU, twice, then Linear with bias, no
@@ -364,7 +364,7 @@ class _LightlyDropIn(_DefaultTaskHead):
     ``expert_hidden_dim`` defaults to the largest width at which the whole STAR head (N experts + routers)
     has at most twice the parameters of that lightly head — the budget of the two heads (invariant and
     equivariant) that STAR replaces. Pass ``expert_hidden_dim=hidden_dim`` for the paper's per-expert shape
-    (every expert as wide as the lightly head, STAR Sec. 4), at N times the parameters.
+    (every expert as wide as the lightly head, as in the STAR paper's setup), at N times the parameters.
     """
 
     def __init__(

@@ -30,7 +30,7 @@ def build_head(
     """Returns a head with tasks ``("inv", "eq")`` (``"single"``: ``("inv",)``), or ``kind`` itself if it is a module.
 
     Every kind uses the same expert shape ``input_dim → hidden → hidden → output_dim`` (hidden defaults to
-    ``input_dim``, as in STAR, Sec. 4 of arXiv 2510.27222), so ablations differ only in how the tasks share
+    ``input_dim``, as in the STAR paper, arXiv 2510.27222), so ablations differ only in how the tasks share
     parameters:
 
     * ``"star"``: :class:`~star_heads.STARHead`, ``num_experts`` (default 8) experts with one soft router per task;
