@@ -253,3 +253,49 @@ def test_reduced_precision_input_works_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = head(x.bfloat16(), task="inv")
     assert z.shape == (5, 4) and torch.isfinite(z.float()).all()
+
+
+# ------------------------------------------------------------------------------------ swap_projector
+_VOCAB = {
+    "lin": lambda w, b: nn.Linear(w, w, bias=b),
+    "bn": lambda w, b: nn.BatchNorm1d(w, eps=1e-3),
+    "ln": lambda w, b: nn.LayerNorm(w),
+    "relu": lambda w, b: nn.ReLU(),
+    "gelu": lambda w, b: nn.GELU(approximate="tanh"),
+    "drop": lambda w, b: nn.Dropout(0.1),
+    "id": lambda w, b: nn.Identity(),
+}
+
+
+@SETTINGS
+@given(names=st.lists(st.sampled_from(sorted(_VOCAB)), min_size=1, max_size=8), bias=st.booleans())
+def test_swap_projector_represents_exactly_or_refuses(names, bias):
+    """Any Sequential: either a clear refusal (nothing replaced), or experts whose layer sequence is the
+    projector's (Identity skipped, hidden biases before a BatchNorm dropped as documented)."""
+    from star_heads.integrations.swap import swap_projector
+
+    layers = [_VOCAB[n](6, bias) for n in names]
+    model = nn.Module()
+    model.projector = nn.Sequential(*layers)
+    try:
+        head = swap_projector(model, num_experts=2)
+    except (TypeError, ValueError) as err:
+        assert str(err) and isinstance(model.projector, nn.Sequential)
+        return
+    assert model.projector is head
+    kept = [m for m in layers if not isinstance(m, nn.Identity)]
+    expert = list(head.experts.to_modules()[0])
+    assert [type(m) for m in expert] == [type(m) for m in kept]
+    last_linear = max(i for i, m in enumerate(kept) if isinstance(m, nn.Linear))
+    for i, (old, new) in enumerate(zip(kept, expert)):
+        if i == last_linear:
+            assert (old.bias is None) == (new.bias is None)
+        elif isinstance(old, nn.Linear):
+            assert new.bias is None  # hidden: the bank has none; accepted only before a BatchNorm
+            assert old.bias is None or isinstance(kept[i + 1], nn.BatchNorm1d)
+        if isinstance(old, (nn.BatchNorm1d, nn.LayerNorm)):
+            assert old.eps == new.eps
+    for act, old in zip(head.experts.acts, [m for m in kept if isinstance(m, (nn.ReLU, nn.GELU))]):
+        assert type(act) is type(old) and getattr(act, "approximate", None) == getattr(old, "approximate", None)
+    z = head(torch.randn(4, 6))
+    assert z.shape == (4, 6) and torch.isfinite(z).all()
