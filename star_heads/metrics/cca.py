@@ -136,7 +136,7 @@ def mean_canonical_correlation(x: torch.Tensor, y: torch.Tensor, **kwargs: float
     information). Keyword arguments (``ridge``, ``rank_tol``) go to :func:`canonical_correlations`.
     """
     rho = canonical_correlations(x, y, **kwargs)
-    return rho.mean() if rho.numel() else rho.new_zeros(())
+    return rho.mean().clamp_(0.0, 1.0) if rho.numel() else rho.new_zeros(())  # clamp: rounding of the mean
 
 
 def _reduce_to_variance(xc: torch.Tensor, keep: float) -> torch.Tensor:
@@ -167,7 +167,7 @@ def svcca(x: torch.Tensor, y: torch.Tensor, keep: float = 0.99) -> torch.Tensor:
             return xr.new_zeros(())
         _, _, t = _cross(xr, yr, DEFAULT_RANK_TOL, 0.0)
         rho = torch.linalg.svdvals(t).clamp_(0.0, 1.0) if min(t.shape) else t.new_zeros(0)
-        return rho.mean() if rho.numel() else rho.new_zeros(())
+        return rho.mean().clamp_(0.0, 1.0) if rho.numel() else rho.new_zeros(())
 
 
 def pwcca(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -188,4 +188,4 @@ def pwcca(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         variates, view = (ux @ a, xc) if ux.shape[1] <= uy.shape[1] else (uy @ bh.T, yc)
         alpha = (variates.T @ view).abs().sum(dim=1)
         alpha = alpha / alpha.sum()
-        return (alpha * rho.clamp(0.0, 1.0)).sum()
+        return (alpha * rho.clamp(0.0, 1.0)).sum().clamp_(0.0, 1.0)  # Σα = 1 up to rounding

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -76,7 +77,8 @@ def gram(z: torch.Tensor) -> torch.Tensor:
     symmetric rank-k update (half the flops of the general product torch would run)."""
     if z.device.type == "cpu":
         zn = z.contiguous().numpy()
-        return torch.from_numpy(zn.T @ zn)
+        with np.errstate(all="ignore"):  # NaN/Inf (an unchecked meter batch) propagate, as in torch
+            return torch.from_numpy(zn.T @ zn)
     return z.T @ z
 
 

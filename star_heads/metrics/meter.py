@@ -103,7 +103,7 @@ class CCAMeter:
         self.p = check_positive_int(p, "p")
         self.q = self.p if q is None else check_positive_int(q, "q")
         self.ridge, self.rank_tol = check_cca_options(ridge, rank_tol)
-        self.svcca_keep = None if svcca_keep is None else check_keep(svcca_keep)
+        self.svcca_keep = None if svcca_keep is None else check_keep(svcca_keep, "svcca_keep")
         self.null_baseline = bool(null_baseline)
         self.check_finite = bool(check_finite)
         self.reset()
@@ -266,8 +266,8 @@ class CCAMeter:
                 rx = min(sx.rank, sx.variance_rank(self.svcca_keep))
                 ry = min(sy.rank, sy.variance_rank(self.svcca_keep))
                 sv = whitened_correlations(gram[:p, p:], sx.whitener(rx), sy.whitener(ry))
-                svcca = float(sv.mean()) if sv.numel() else 0.0
-        mean = float(rho.mean()) if rho.numel() else 0.0
+                svcca = min(float(sv.mean()), 1.0) if sv.numel() else 0.0
+        mean = min(float(rho.mean()), 1.0) if rho.numel() else 0.0  # a mean of values <= 1 can round above 1
         null = null_mean_canonical_correlation(st.n, fx, fy) if self.null_baseline else None
         return CCAResult(mean=mean, correlations=rho, rank_x=sx.rank, rank_y=sy.rank, n=st.n, null_mean=null,
                          svcca=svcca)

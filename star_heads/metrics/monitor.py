@@ -77,7 +77,7 @@ class CCAMonitor:
             raise TypeError(f"log must be a callable log(step, result) or None, got {type(log).__name__}")
         self.window = window
         self.ridge, _ = check_cca_options(ridge, None)
-        self.svcca_keep = None if svcca_keep is None else check_keep(svcca_keep)
+        self.svcca_keep = None if svcca_keep is None else check_keep(svcca_keep, "svcca_keep")
         self.min_samples = None if min_samples is None else check_positive_int(min_samples, "min_samples")
         self.null_baseline = bool(null_baseline)
         self.sync = bool(sync)

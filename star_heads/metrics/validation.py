@@ -97,9 +97,9 @@ def check_cca_options(ridge: object, rank_tol: object) -> tuple[float, float]:
     return ridge, tol
 
 
-def check_keep(keep: object) -> float:
-    """Validates the SVCCA variance fraction ``keep`` in (0, 1]."""
-    value = _number(keep, "keep")
+def check_keep(keep: object, name: str = "keep") -> float:
+    """Validates the SVCCA variance fraction ``keep`` in (0, 1] (``name``: the argument, for the message)."""
+    value = _number(keep, name)
     if not 0 < value <= 1:
-        raise ValueError(f"keep must be a float in (0, 1], got {keep!r}")
+        raise ValueError(f"{name} must be a float in (0, 1], got {keep!r}")
     return value
