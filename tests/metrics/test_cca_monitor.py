@@ -93,7 +93,7 @@ def test_bad_arguments_and_inputs():
     assert monitor.steps == 2  # rejected steps are not counted
     with pytest.raises(TypeError, match="log must be a callable"):
         CCAMonitor(log="print")
-    with pytest.raises(TypeError, match="ridge must be a float"):
+    with pytest.raises(TypeError, match="ridge must be a real number"):
         CCAMonitor(ridge="0.1")
 
 

@@ -232,7 +232,7 @@ def test_bad_options_raise(kw):
 
 @pytest.mark.parametrize("kw", [{"ridge": "0.1"}, {"ridge": True}, {"rank_tol": "1e-3"}])
 def test_option_of_wrong_type_raises_type_error(kw):
-    with pytest.raises(TypeError, match=f"{next(iter(kw))} must be a float, got"):
+    with pytest.raises(TypeError, match=f"{next(iter(kw))} must be a real number, got"):
         canonical_correlations(torch.randn(20, 2), torch.randn(20, 2), **kw)
 
 
