@@ -26,6 +26,7 @@ __all__ = [
     "ViewSpectrum",
     "gram",
     "magnitude",
+    "power_of_two",
     "power_of_two_scale",
     "scale_exponent",
     "scaled",
@@ -60,9 +61,14 @@ def scale_exponent(top: torch.Tensor) -> torch.Tensor:
     return exponent.clamp(-_EXP_LIMIT, _EXP_LIMIT)
 
 
+def power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2^exponent (float64, exact for the integral exponents of :func:`scale_exponent`), on its device."""
+    return torch.ldexp(torch.ones_like(exponent), exponent)
+
+
 def scaled(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     """x · 2^-exponent in float64: exact (a power of two), so CCA is unchanged and G cannot overflow."""
-    return torch.ldexp(x.detach().to(torch.float64), -exponent)
+    return x.detach().to(torch.float64) * power_of_two(-exponent)
 
 
 def power_of_two_scale(top: float) -> float:
