@@ -8,12 +8,13 @@ every layer a single pass over memory with no copies:
 
 * :func:`expert_linear` — one GEMM for the shared first layer, one batched matmul over experts after that,
   reading and writing strided ``[n, b, ·]`` views (BLAS takes row strides), and the same in backward;
-* :func:`batch_norm_relu` — training-mode BatchNorm1d over ``c`` followed by ReLU. Forward is the native
-  BatchNorm kernel (running statistics updated by it, exactly as ``nn.BatchNorm1d``) and an in-place ReLU.
-  Backward is written out per channel in ``[b, c]`` (``dβ = Σ_b g``, ``dγ = Σ_b g·x̂``,
-  ``∂a = γ·σ⁻¹·(g − dβ/B − x̂·dγ/B)`` with ``g`` the ReLU-masked gradient): a handful of vectorised passes
-  that reuse the incoming gradient's buffer, where the native backward kernel walks this layout per
-  channel with a strided inner loop.
+* :func:`batch_norm_relu_linear` — training-mode BatchNorm1d over ``c``, ReLU and the next expert matmul
+  as one node. Forward is the native BatchNorm kernel (running statistics updated by it, exactly as
+  ``nn.BatchNorm1d``), an in-place ReLU and the matmul; only the BatchNorm input is kept, the ReLU output is
+  recomputed in backward (one pass) instead of stored. Backward is written out per channel in ``[b, c]``
+  (``dβ = Σ_b g``, ``dγ = Σ_b g·x̂``, ``∂a = γ·σ⁻¹·(g − dβ/B − x̂·dγ/B)`` with ``g`` the ReLU-masked
+  gradient): a handful of vectorised passes over two buffers, where the native backward kernel walks this
+  layout channel by channel (about 10x slower here).
 
 Under ``torch.compile`` the same maths is written with plain differentiable ops, so inductor sees (and
 fuses) one graph.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["expert_linear", "batch_norm_relu", "is_compiling", "autocast_dtype"]
+__all__ = ["expert_linear", "batch_norm_relu_linear", "is_compiling", "autocast_dtype"]
 
 
 def is_compiling() -> bool:
@@ -77,27 +78,32 @@ def _expert_linear_ops(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.transpose(0, 1)
 
 
+def _matmul(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Forward of :class:`_ExpertMatmul` (no autograd): a new contiguous ``[b, n, o]``."""
+    n, o, i = weight.shape
+    b = h.shape[0]
+    out = h.new_empty(b, n, o)
+    if h.ndim == 2:  # one GEMM  [b, i] @ [i, (n o)]
+        w = weight.view(n * o, i).t()
+        if bias is None:
+            torch.mm(h, w, out=out.view(b, n * o))
+        else:
+            torch.addmm(bias, h, w, out=out.view(b, n * o))
+    else:  # one batched matmul over experts, on strided [n, b, ·] views of the [b, n, ·] tensors
+        torch.bmm(h.transpose(0, 1), weight.transpose(1, 2), out=out.transpose(0, 1))
+        if bias is not None:
+            out.view(b, n * o).add_(bias)
+    return out
+
+
 class _ExpertMatmul(torch.autograd.Function):
     """``[b, i] | [b, n, i]`` × ``[n, o, i]`` (+ ``[n·o]``) → contiguous ``[b, n, o]``; no copies either way."""
 
     @staticmethod
     def forward(ctx, h, weight, bias):
-        n, o, i = weight.shape
-        b = h.shape[0]
-        out = h.new_empty(b, n, o)
-        if h.ndim == 2:  # one GEMM  [b, i] @ [i, (n o)]
-            w = weight.view(n * o, i).t()
-            if bias is None:
-                torch.mm(h, w, out=out.view(b, n * o))
-            else:
-                torch.addmm(bias, h, w, out=out.view(b, n * o))
-        else:  # one batched matmul over experts, strided views of the [b, n, ·] tensors
-            torch.bmm(h.transpose(0, 1), weight.transpose(1, 2), out=out.transpose(0, 1))
-            if bias is not None:
-                out.view(b, n * o).add_(bias)
         ctx.save_for_backward(h, weight)
         ctx.has_bias = bias is not None
-        return out
+        return _matmul(h, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
@@ -123,52 +129,145 @@ class _ExpertMatmul(torch.autograd.Function):
         return gh, gw, gb
 
 
-# ------------------------------------------------------------------------------------ BatchNorm + ReLU
-def batch_norm_relu(
+# ------------------------------------------------------------------------- BatchNorm + ReLU + Linear
+def batch_norm_relu_linear(
     a: torch.Tensor,
-    weight: torch.Tensor | None,
+    bn: tuple,
+    weight: torch.Tensor,
     bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    momentum: float,
-    eps: float,
 ) -> torch.Tensor:
-    """``relu(batch_norm(a))`` in training mode (batch statistics) for a contiguous ``a [b, c]``.
+    """``expert_linear(relu(batch_norm(a)))`` in training mode for a contiguous ``a [b, (n i)]``.
 
-    ``momentum`` is the exponential-average factor ``nn.BatchNorm1d`` computed for this step; the running
-    statistics (when given) are updated in place exactly as by ``F.batch_norm``.
+    Args:
+        a: The previous layer's output, ``[b, n·i]``.
+        bn: ``(weight, bias, running_mean, running_var, factor, eps)`` of the BatchNorm, ``factor`` being the
+            exponential-average factor ``nn.BatchNorm1d`` computed for this step; the running statistics are
+            updated in place by the native kernel, exactly as by ``F.batch_norm``.
+        weight: ``[n, o, i]`` expert weights of the next Linear.
+        bias: ``[n·o]`` or None.
+
+    Returns:
+        ``[b, n, o]``. Only ``a`` (and per-channel statistics) are kept for backward: the ReLU output is
+        recomputed there from ``a`` in one pass instead of being stored (half the saved activations).
     """
+    dtype = autocast_dtype(a.device.type)
+    if dtype is not None:
+        weight, bias = weight.to(dtype), (None if bias is None else bias.to(dtype))
     if is_compiling():
-        return torch.relu(F.batch_norm(a, running_mean, running_var, weight, bias, True, momentum, eps))
-    return _BatchNormReLU.apply(a, weight, bias, running_mean, running_var, momentum, eps)
+        if _CUSTOM_OP:  # one opaque node: inductor calls these kernels instead of generating its own
+            out, _, _, new_mean, new_var = _bn_relu_linear_op(a, *bn, weight, bias)
+            if bn[2] is not None:
+                with torch.no_grad():
+                    bn[2].copy_(new_mean)
+                    bn[3].copy_(new_var)
+            return out
+        bn_w, bn_b, mean, var, factor, eps = bn
+        y = torch.relu(F.batch_norm(a, mean, var, bn_w, bn_b, True, factor, eps))
+        return _expert_linear_ops(y.view(a.shape[0], weight.shape[0], -1), weight, bias)
+    if dtype is not None:
+        with torch.autocast(a.device.type, enabled=False):
+            return _BatchNormReLULinear.apply(a, *bn, weight, bias)
+    return _BatchNormReLULinear.apply(a, *bn, weight, bias)
 
 
-class _BatchNormReLU(torch.autograd.Function):
+class _BatchNormReLULinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, weight, bias, running_mean, running_var, momentum, eps):
-        y, mean, invstd = torch.native_batch_norm(a, weight, bias, running_mean, running_var, True, momentum, eps)
+    def forward(ctx, a, bn_w, bn_b, running_mean, running_var, factor, eps, weight, bias):
+        y, mean, invstd = torch.native_batch_norm(a, bn_w, bn_b, running_mean, running_var, True, factor, eps)
         y.relu_()
-        ctx.save_for_backward(a, y, weight, mean, invstd)
-        return y
+        out = _matmul(y.view(a.shape[0], weight.shape[0], -1), weight, bias)
+        ctx.save_for_backward(a, bn_w, bn_b, mean, invstd, weight)
+        ctx.has_bias = bias is not None
+        return out
 
     @staticmethod
-    def backward(ctx, gy):
-        a, y, weight, mean, invstd = ctx.saved_tensors
-        if not gy.is_contiguous():
-            gy = gy.contiguous()
-        # g = gy · [y > 0], in place: the incoming gradient is the next ExpertLinear's fresh input gradient
-        g = torch.ops.aten.threshold_backward.grad_input(gy, y, 0, grad_input=gy)
-        stat = mean.dtype  # float32 statistics under bf16/fp16 inputs, as the native kernels keep them
-        scale = invstd if weight is None else invstd * weight
-        d_bias = g.sum(0, dtype=stat)
-        t = torch.sub(a, mean.to(a.dtype))  # a - μ (centred, as the native backward kernel computes it)
-        t.mul_(g)
-        dot = t.sum(0, dtype=stat)  # Σ_b g·(a − μ)
-        d_weight = dot * invstd  # Σ_b g·x̂
-        count = a.shape[0]
-        k_a = -scale * invstd * d_weight / count  # ∂a = scale·g + k_a·(a − μ) − scale·dβ/B
-        k_0 = -scale * d_bias / count - k_a * mean
-        grad_a = torch.addcmul(k_0.to(a.dtype), a, k_a.to(a.dtype), out=t)
-        grad_a.addcmul_(g, scale.to(a.dtype))
-        need_w, need_b = ctx.needs_input_grad[1:3]
-        return grad_a, (d_weight if need_w else None), (d_bias if need_b else None), None, None, None, None
+    def backward(ctx, g_out):
+        need = ctx.needs_input_grad
+        g_a, d_weight, d_bias, g_w, g_b = _bn_relu_linear_backward(g_out, *ctx.saved_tensors, need[7], ctx.has_bias and need[8])
+        return (g_a, d_weight if need[1] else None, d_bias if need[2] else None,
+                None, None, None, None, g_w, g_b)
+
+
+def _bn_relu_linear_backward(g_out, a, bn_w, bn_b, mean, invstd, weight, need_w: bool, need_b: bool):
+    """Gradients of :func:`batch_norm_relu_linear` w.r.t. ``a``, the BatchNorm affine and the Linear."""
+    n, o, i = weight.shape
+    b = a.shape[0]
+    low = a.dtype
+    scale = invstd if bn_w is None else invstd * bn_w  # γ·σ⁻¹ per channel
+    shift = -mean * scale if bn_b is None else bn_b - mean * scale
+    y = torch.addcmul(shift.to(low), a, scale.to(low)).relu_()  # the forward's ReLU output, recomputed
+    g_w = torch.bmm(g_out.permute(1, 2, 0), y.view(b, n, i).transpose(0, 1)) if need_w else None
+    g_b = g_out.reshape(b, n * o).sum(0) if need_b else None
+    g = a.new_empty(b, n, i)
+    torch.bmm(g_out.transpose(0, 1), weight, out=g.transpose(0, 1))  # ∂y, a fresh buffer of ours
+    g = g.view(b, n * i)
+    torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=g)  # ReLU mask, in place
+    stat = mean.dtype  # float32 statistics under bf16/fp16 inputs, as the native kernels keep them
+    d_bias = g.sum(0, dtype=stat)
+    t = torch.sub(a, mean.to(low), out=y)  # a − μ, reusing y's buffer (centred, as the native kernel)
+    t.mul_(g)
+    d_weight = t.sum(0, dtype=stat) * invstd  # Σ_b g·x̂
+    k_a = -scale * invstd * d_weight / b  # ∂a = scale·g + k_a·(a − μ) − scale·dβ/B
+    k_0 = -scale * d_bias / b - k_a * mean
+    g_a = torch.addcmul(k_0.to(low), a, k_a.to(low), out=t)
+    g_a.addcmul_(g, scale.to(low))
+    return g_a, d_weight, d_bias, g_w, g_b
+
+
+# ------------------------------------------------------------------- the same as a custom op (compile)
+_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4; older versions trace the plain ops
+
+if _CUSTOM_OP:
+    from typing import Optional
+
+    @torch.library.custom_op("star_heads::bn_relu_linear", mutates_args=())
+    def _bn_relu_linear_op(
+        a: torch.Tensor, bn_w: Optional[torch.Tensor], bn_b: Optional[torch.Tensor],
+        running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], factor: float, eps: float,
+        weight: torch.Tensor, bias: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Functional: returns ``(out, mean, invstd, new_running_mean, new_running_var)`` (empty when untracked)."""
+        rm = a.new_empty(0) if running_mean is None else running_mean.clone()
+        rv = a.new_empty(0) if running_var is None else running_var.clone()
+        tracked = running_mean is not None
+        y, mean, invstd = torch.native_batch_norm(
+            a, bn_w, bn_b, rm if tracked else None, rv if tracked else None, True, factor, eps
+        )
+        return _matmul(y.relu_().view(a.shape[0], weight.shape[0], -1), weight, bias), mean, invstd, rm, rv
+
+    @_bn_relu_linear_op.register_fake
+    def _(a, bn_w, bn_b, running_mean, running_var, factor, eps, weight, bias):
+        stat = torch.float32 if a.dtype in (torch.bfloat16, torch.float16) else a.dtype
+        c = a.shape[1]
+        rm = a.new_empty(0) if running_mean is None else torch.empty_like(running_mean)
+        rv = a.new_empty(0) if running_var is None else torch.empty_like(running_var)
+        out = a.new_empty(a.shape[0], weight.shape[0], weight.shape[1])
+        return out, a.new_empty(c, dtype=stat), a.new_empty(c, dtype=stat), rm, rv
+
+    @torch.library.custom_op("star_heads::bn_relu_linear_backward", mutates_args=())
+    def _bn_relu_linear_backward_op(
+        g_out: torch.Tensor, a: torch.Tensor, bn_w: Optional[torch.Tensor], bn_b: Optional[torch.Tensor],
+        mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor, need_b: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        g_a, d_weight, d_bias, g_w, g_b = _bn_relu_linear_backward(g_out, a, bn_w, bn_b, mean, invstd, weight, True, need_b)
+        return g_a, d_weight, d_bias, g_w, g_b if need_b else g_out.new_empty(0)
+
+    @_bn_relu_linear_backward_op.register_fake
+    def _(g_out, a, bn_w, bn_b, mean, invstd, weight, need_b):
+        n, o, _ = weight.shape
+        return (torch.empty_like(a), torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(weight),
+                g_out.new_empty(n * o if need_b else 0))
+
+    def _setup_context(ctx, inputs, output):
+        a, bn_w, bn_b, _, _, _, _, weight, bias = inputs
+        _, mean, invstd, _, _ = output
+        ctx.save_for_backward(a, bn_w, bn_b, mean, invstd, weight)
+        ctx.has_bias = bias is not None
+
+    def _op_backward(ctx, g_out, *_):
+        a, bn_w, bn_b, mean, invstd, weight = ctx.saved_tensors
+        g_a, d_w, d_b, g_w, g_b = _bn_relu_linear_backward_op(g_out, a, bn_w, bn_b, mean, invstd, weight, ctx.has_bias)
+        return (g_a, None if bn_w is None else d_w, None if bn_b is None else d_b, None, None, None, None, g_w,
+                g_b if ctx.has_bias else None)
+
+    _bn_relu_linear_op.register_autograd(_op_backward, setup_context=_setup_context)

@@ -128,11 +128,14 @@ class ExpertBank(nn.Module):
 
     def _run_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on ``x [B, d]``: ``[B, N, o]``, contiguous."""
-        h = x
-        for i, linear in enumerate(self.linears):
-            h = linear(h)  # [b, n, o], a base tensor: the activation below may run in place on it
-            h = _norm_act(h, self.norms[i], self.acts[i] if i < len(self.acts) else None)
-        return h
+        h = self.linears[0](x)  # [b, n, h], a base tensor: an activation may run in place on it
+        for i, linear in enumerate(self.linears[1:]):
+            norm, act = self.norms[i], self.acts[i]
+            if type(norm) is nn.BatchNorm1d and type(act) is nn.ReLU and _uses_batch_stats(norm):
+                h = kernels.batch_norm_relu_linear(h.reshape(h.shape[0], -1), _batch_norm_args(norm), linear.weight, linear.bias)
+            else:
+                h = linear(_norm_act(h, norm, act))
+        return _norm_act(h, self.norms[-1], None)
 
     # --------------------------------------------------------------- validation
     def _check(self, x: torch.Tensor, gates: torch.Tensor | None) -> None:
@@ -228,8 +231,6 @@ def _norm_act(h: torch.Tensor, norm: nn.Module, act: nn.Module | None) -> torch.
     """One hidden (or last) norm and activation on ``h [b, n, o]``; returns a contiguous ``[b, n, o]``."""
     b, n, o = h.shape
     if is_batch_norm(norm):
-        if type(norm) is nn.BatchNorm1d and type(act) is nn.ReLU and _uses_batch_stats(norm):
-            return kernels.batch_norm_relu(h.reshape(b, n * o), *_batch_norm_args(norm)).view(b, n, o)
         h = norm(h.reshape(b, n * o))  # BatchNorm1d / SyncBatchNorm over n·o channels: its own kernel
     elif not isinstance(norm, nn.Identity):
         h = norm(h)
