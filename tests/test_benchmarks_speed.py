@@ -47,11 +47,12 @@ def test_expert_bank_quick(tmp_path, keep_threads):
     loop_ops = [r["ops"]["loop"] for r in sweep]
     assert len(set(fused_ops)) == 1 and data["goals"]["op_count_constant_in_N"] is True
     assert all(a < b for a, b in zip(loop_ops, loop_ops[1:]))
-    # saved activations grow affinely in N, and the fused bank keeps exactly what the loop keeps
+    # saved activations grow affinely in N, and the fused bank keeps no more than the loop (about half: the
+    # fused BatchNorm+ReLU+Linear node recomputes the ReLU output instead of keeping it)
     saved = [r["saved_mb"]["fused"] * 2**20 for r in sweep]
     slope = (saved[1] - saved[0]) / (ns[1] - ns[0])
     assert all(s == pytest.approx(saved[0] + slope * (n - ns[0])) for n, s in zip(ns, saved))
-    assert all(r["saved_mb"]["fused"] == pytest.approx(r["saved_mb"]["loop"]) for r in sweep)
+    assert all(r["saved_mb"]["fused"] <= r["saved_mb"]["loop"] for r in sweep)
     for r in cpu["structure"]:
         assert r["peak_step_mb"]["fused"] is None or r["peak_step_mb"]["fused"] > 0
     prof = cpu["profile"]["fused"]
