@@ -36,7 +36,7 @@ class SeparateHeads(TaskHead):
         output_dim: Embedding size.
         num_layers: Linear layers per MLP.
         tasks: Task names, one MLP each.
-        norm_layer, act_layer, last_norm_layer, last_bias: Layer options, as :class:`~star_heads.MMoEHead`.
+        norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias: Layer options, as :class:`~star_heads.MMoEHead`.
         check_finite: See :class:`~star_heads.TaskHead` (one host sync per call).
         device: Factory kwarg.
         dtype: Factory kwarg.
@@ -54,13 +54,14 @@ class SeparateHeads(TaskHead):
         act_layer: type[nn.Module] = nn.ReLU,
         last_norm_layer: type[nn.Module] | None = None,
         last_bias: bool = True,
+        hidden_bias: bool = False,
         check_finite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
         options = {
-            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias), "device": device, "dtype": dtype,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), "device": device, "dtype": dtype,
         }
         self.heads = nn.ModuleDict(
             {t: ExpertBank(1, input_dim, hidden_dim, output_dim, num_layers, **options) for t in self.tasks}
@@ -130,7 +131,7 @@ class SharedSpecificHead(TaskHead):
         output_dim: Embedding size.
         num_layers: Linear layers per expert.
         tasks: Task names.
-        norm_layer, act_layer, last_norm_layer, last_bias: Layer options, as :class:`~star_heads.MMoEHead`.
+        norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias: Layer options, as :class:`~star_heads.MMoEHead`.
         check_finite: See :class:`~star_heads.TaskHead` (one host sync per call).
         device: Factory kwarg.
         dtype: Factory kwarg.
@@ -148,6 +149,7 @@ class SharedSpecificHead(TaskHead):
         act_layer: type[nn.Module] = nn.ReLU,
         last_norm_layer: type[nn.Module] | None = None,
         last_bias: bool = True,
+        hidden_bias: bool = False,
         check_finite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -156,7 +158,7 @@ class SharedSpecificHead(TaskHead):
         t = self.num_tasks
         self.experts = ExpertBank(
             t + 1, input_dim, hidden_dim, output_dim, num_layers,
-            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias), device=device, dtype=dtype,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), device=device, dtype=dtype,
         )
         self.hidden_dim = hidden_dim
         mixing = torch.cat([torch.eye(t, device=device), torch.ones(t, 1, device=device)], dim=1)  # [t, t+1]
