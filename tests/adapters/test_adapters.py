@@ -162,7 +162,7 @@ def test_bad_construction():
         SimCLRAdapter(16, head="moe")
     with pytest.raises(ValueError, match="temperature"):
         SimCLRAdapter(16, temperature=0.0)
-    with pytest.raises(ValueError, match="lam must be >= 0"):
+    with pytest.raises(ValueError, match="lam must be a finite float >= 0, got -1.0"):
         SimCLRAdapter(16, lam=-1.0)
     with pytest.raises(ValueError, match="normalizer must be"):
         SimCLRAdapter(16, normalizer="imagenet")
