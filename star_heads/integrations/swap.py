@@ -58,7 +58,8 @@ def swap_projector(
     input_dim, hidden_dim, output_dim, num_layers = projector_shape(old)
     ref = next(old.parameters(), None)
     head = STARSimCLRProjectionHead(
-        input_dim, hidden_dim, output_dim, num_layers, batch_norm, num_experts=num_experts, **kwargs
+        input_dim, hidden_dim, output_dim, num_layers, batch_norm,
+        num_experts=num_experts, expert_hidden_dim=hidden_dim, **kwargs,
     )
     if ref is not None:
         head = head.to(device=ref.device, dtype=ref.dtype)
