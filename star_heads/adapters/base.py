@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from star_heads._checks import check_float_tensor
 from star_heads.adapters.factory import HeadKind, build_head
-from star_heads.adapters.readouts import cca_dict, routing_dict
 from star_heads.equivariance import AugParamNormalizer, EquivariantPredictor
 from star_heads.heads import HeadOutput
 from star_heads.metrics import CCAMonitor, CCAResult
+from star_heads.routing import routing_stats
 
 __all__ = ["AdapterOutput", "JointAdapter"]
 
@@ -63,18 +63,19 @@ class AdapterOutput:
         TensorBoard's ``add_scalars`` or W&B's ``log``.
 
         Keys (with ``prefix`` in front): ``"loss"``; each entry of :attr:`losses` (``"inv"``, ``"eq"``,
-        ``"inv/invariance"``, ...); with ``routing`` and gates, ``"routing/<task>/entropy"``,
-        ``"routing/<task>/effective_experts"``, ``"routing/<task>/mean_gate/<k>"``,
-        ``"routing/task_overlap/<k>"``; on a step with a CCA result, ``"cca/mean"``, ``"cca/null_mean"``,
-        ``"cca/excess"``, ``"cca/n"``, ``"cca/rank_x"``, ``"cca/rank_y"``. Converting to floats syncs
-        with the device: call it on logging steps.
+        ``"inv/invariance"``, ...); with ``routing`` and gates, :meth:`RoutingStats.as_dict
+        <star_heads.RoutingStats.as_dict>` under ``"routing/"`` (``"routing/<task>/entropy"``,
+        ``"routing/<task>/expert_<k>/load"``, ...); on a step with a CCA result, :meth:`CCAResult.as_dict
+        <star_heads.CCAResult.as_dict>` under ``"cca/"`` (``"cca/mean"``, ``"cca/null_mean"``,
+        ``"cca/excess"``, ``"cca/n"``, ...). Converting to floats syncs with the device: call it on
+        logging steps.
         """
         out = {f"{prefix}loss": float(self.loss.detach())}
         out.update({f"{prefix}{k}": float(v) for k, v in self.losses.items()})
         if routing and self.gates is not None:
-            out.update(routing_dict(self.gates, self.tasks, f"{prefix}routing/"))
+            out.update(routing_stats(self.gates, tasks=self.tasks or None).as_dict(f"{prefix}routing/"))
         if self.cca is not None:
-            out.update(cca_dict(self.cca, f"{prefix}cca/"))
+            out.update(self.cca.as_dict(f"{prefix}cca/"))
         return out
 
 

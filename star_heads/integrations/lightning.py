@@ -10,7 +10,7 @@ installed the callback is accepted by both ``Trainer`` classes). Usage::
 It finds the STAR adapter (:class:`~star_heads.JointAdapter`) or head (any module with a router and task
 names) in the LightningModule, watches its calls with a forward hook (no extra forward pass) and logs, through
 ``pl_module.log_dict``, flat floats under ``prefix``: ``routing/<task>/entropy``, ``.../effective_experts``,
-``.../mean_gate/<k>``, ``routing/task_overlap/<k>`` every ``every`` steps, and ``cca/mean``, ``cca/null_mean``,
+``.../expert_<k>/load``, ``routing/expert_<k>/task_overlap`` every ``every`` steps, and ``cca/mean``, ``cca/null_mean``,
 ``cca/excess``, ``cca/n`` whenever a CCA result is ready (the adapter's own monitor; for a bare head, the
 callback's monitor fed by calls that return both tasks, ``head(x, task=None)``).
 """
@@ -24,9 +24,9 @@ from torch import nn
 
 from star_heads._checks import check_positive_int
 from star_heads.adapters.base import AdapterOutput, JointAdapter
-from star_heads.adapters.readouts import cca_dict, routing_dict
 from star_heads.heads import HeadOutput
 from star_heads.metrics import CCAMonitor
+from star_heads.routing import routing_stats
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -90,9 +90,9 @@ class _STARLogging:
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         values: dict[str, float] = {}
         if self._last_gates is not None and trainer.global_step % self.every == 0:
-            values.update(routing_dict(self._last_gates, self._tasks, f"{self.prefix}routing/"))
+            values.update(routing_stats(self._last_gates, tasks=self._tasks or None).as_dict(f"{self.prefix}routing/"))
         if self._last_cca is not None:
-            values.update(cca_dict(self._last_cca, f"{self.prefix}cca/"))
+            values.update(self._last_cca.as_dict(f"{self.prefix}cca/"))
         self._last_gates, self._last_cca = None, None
         if values:
             pl_module.log_dict(values, on_step=True, on_epoch=False)

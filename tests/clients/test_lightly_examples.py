@@ -56,4 +56,4 @@ def test_lightning_example_trains_both_tasks(name, recorder):
     _check(model, recorder)
     logged = trainer.callback_metrics  # self.log_dict(out.as_dict(...)) and the callback's routing readouts
     assert {"train/loss", "train/inv", "train/eq"} <= set(logged)
-    assert {"star/routing/inv/entropy", "star/routing/eq/effective_experts", "star/routing/task_overlap/0"} <= set(logged)
+    assert {"star/routing/inv/entropy", "star/routing/eq/effective_experts", "star/routing/expert_0/task_overlap"} <= set(logged)
