@@ -202,7 +202,10 @@ class JointAdapter(nn.Module):
     # ---------------------------------------------------------------- helpers
     def _validate(self, h1, h2, h0, params1, params2) -> bool:
         check_float_tensor(h1, "h1", sizes=(None, self.input_dim))
-        check_float_tensor(h2, "h2", sizes=(h1.shape[0], self.input_dim))
+        if h1.shape[0] == 0:
+            raise ValueError(f"h1 must hold at least one row, got shape {tuple(h1.shape)}")
+        check_float_tensor(h2, "h2", sizes=(None, self.input_dim))
+        _same_batch(h1, h2=h2)
         given = {"h0": h0 is not None, "params1": params1 is not None, "params2": params2 is not None}
         if not any(given.values()):
             return False
@@ -211,9 +214,10 @@ class JointAdapter(nn.Module):
             raise ValueError(f"a joint call needs h0, params1 and params2 together; missing {missing}")
         if not self.joint:
             raise ValueError(f"this adapter's head has tasks {self.head.tasks}: a joint call needs an 'eq' task")
-        check_float_tensor(h0, "h0", sizes=(h1.shape[0], self.input_dim))
-        check_float_tensor(params1, "params1", sizes=(h1.shape[0], self.param_dim))
-        check_float_tensor(params2, "params2", sizes=(h1.shape[0], self.param_dim))
+        check_float_tensor(h0, "h0", sizes=(None, self.input_dim))
+        check_float_tensor(params1, "params1", sizes=(None, self.param_dim))
+        check_float_tensor(params2, "params2", sizes=(None, self.param_dim))
+        _same_batch(h1, h0=h0, params1=params1, params2=params2)
         return True
 
     def _embed_views(self, hs: list[Tensor], task: str | None) -> list:
@@ -237,6 +241,14 @@ class JointAdapter(nn.Module):
             return params1, params2
         a = self.normalizer(torch.cat([params1, params2]))
         return a.to(params1.dtype).chunk(2)
+
+
+def _same_batch(h1: Tensor, **others: Tensor) -> None:
+    for name, t in others.items():
+        if t.shape[0] != h1.shape[0]:
+            raise ValueError(
+                f"{name} must have the batch size of h1 ({h1.shape[0]} rows), got shape {tuple(t.shape)}"
+            )
 
 
 def _split(result: Any, prefix: str, name: str, source: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

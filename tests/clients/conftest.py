@@ -11,12 +11,17 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def load_example(name: str):
-    """Imports ``examples/<name>.py`` as a module (its ``main`` is not run)."""
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def load_example():
+    """``load_example(name)`` imports ``examples/<name>.py`` as a module (its ``main`` is not run)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 class Recorder:

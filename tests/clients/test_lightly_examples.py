@@ -8,8 +8,6 @@ gradients at every step, and that the parameters moved.
 import pytest
 import torch
 
-from tests.clients.conftest import load_example
-
 pytest.importorskip("lightly")
 pytest.importorskip("torchvision")
 pytest.importorskip("kornia")
@@ -37,7 +35,7 @@ def _check(model, rec):
 
 
 @pytest.mark.parametrize("name", ["lightly_simclr", "lightly_vicreg"])
-def test_plain_loop_example_trains_both_tasks(name, recorder, capsys):
+def test_plain_loop_example_trains_both_tasks(name, recorder, load_example, capsys):
     example = load_example(name)
     torch.manual_seed(0)
     model = example.main(["--steps", str(STEPS), "--batch-size", "8"])
@@ -47,7 +45,7 @@ def test_plain_loop_example_trains_both_tasks(name, recorder, capsys):
 
 
 @pytest.mark.parametrize("name", ["lightly_simclr_lightning", "lightly_vicreg_lightning"])
-def test_lightning_example_trains_both_tasks(name, recorder):
+def test_lightning_example_trains_both_tasks(name, recorder, load_example):
     pytest.importorskip("pytorch_lightning")
     example = load_example(name)
     torch.manual_seed(0)
