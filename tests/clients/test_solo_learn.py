@@ -2,6 +2,7 @@
 included, and the equivariant mixin. Needs the solo-learn source on PYTHONPATH (v1.0.6) and its tests/ helpers."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -13,14 +14,14 @@ solo_utils = pytest.importorskip("tests.methods.utils", reason="solo-learn's tes
 
 from star_heads.heads import STARSimCLRProjectionHead  # noqa: E402
 from star_heads.integrations.solo_learn import STAREquivariantMixin, replace_projector  # noqa: E402
-from star_heads.integrations.swap import projector_shape  # noqa: E402
+from star_heads.integrations.swap import projector_spec  # noqa: E402
 
 SMALL = {"proj_hidden_dim": 32, "proj_output_dim": 16, "pred_hidden_dim": 32, "queue_size": 64, "temperature": 0.2}
 KWARGS = {
     "simclr": {"supervised": False},
     "supcon": {"supervised": True},
     "vicreg": {"sim_loss_weight": 25.0, "var_loss_weight": 25.0, "cov_loss_weight": 1.0},
-    "vibcreg": {"sim_loss_weight": 25.0, "var_loss_weight": 25.0, "cov_loss_weight": 200.0, "iternorm": True},
+    "vibcreg": {"sim_loss_weight": 25.0, "var_loss_weight": 25.0, "cov_loss_weight": 200.0, "iternorm": False},
     "barlow_twins": {"lamb": 5e-3, "scale_loss": 0.025},
     "byol": {"momentum_classifier": False},
     "mocov2plus": {},
@@ -72,10 +73,18 @@ def _source(cls):
 def test_replace_projector_then_a_training_step_and_the_momentum_update(name):
     model = _method(name, "wide_resnet28w2")  # the smallest solo backbone: 16 methods stay fast
     old = model.projector
-    head = replace_projector(model, num_experts=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        head = replace_projector(model, num_experts=2)
+    hidden_bias_without_norm = _hidden_bias_without_norm(old)
+    assert any("hidden Linear biases" in str(w.message) for w in caught) == hidden_bias_without_norm
+    # the swap keeps the projector's hidden norm: BatchNorm where solo has it, none where it has none
+    has_bn = any(isinstance(m, torch.nn.BatchNorm1d) for m in old.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == has_bn
     assert model.projector is head and isinstance(head, STARSimCLRProjectionHead)
-    d_in, _, d_out, _ = projector_shape(old)
-    assert (head.input_dim, head.output_dim) == (d_in, d_out)
+    spec = projector_spec(old, drop_hidden_bias=True)
+    assert (head.input_dim, head.output_dim) == (spec.input_dim, spec.output_dim)
+    assert [p.shape[-2:] for p in head.experts.parameters() if p.ndim >= 2][:1]  # experts exist
     ids = {id(p) for g in model.learnable_params for p in g["params"]}
     assert all(id(p) in ids for p in head.parameters())  # the optimiser will see the new head
     if name in MOMENTUM:
@@ -151,6 +160,39 @@ def test_fast_dev_run_after_the_swap(name):
     if name in MOMENTUM:  # the momentum updater ran on the (online STAR head, momentum STAR head) pair
         teacher = dict(model.momentum_projector.named_parameters())
         assert any(not torch.equal(teacher[k], start[k]) for k in teacher)
+
+
+def _hidden_bias_without_norm(projector):
+    layers = [m for m in projector.modules() if not isinstance(m, torch.nn.Sequential)]
+    for i, m in enumerate(layers[:-1]):
+        if isinstance(m, torch.nn.Linear) and m is not layers[-1] and m.bias is not None:
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            if not isinstance(nxt, (torch.nn.BatchNorm1d, torch.nn.LayerNorm)) and any(
+                isinstance(x, torch.nn.Linear) for x in layers[i + 1 :]
+            ):
+                return True
+    return False
+
+
+def test_hidden_biases_are_dropped_with_a_warning_or_refused():
+    with pytest.warns(UserWarning, match="SimCLR's projector has hidden Linear biases"):
+        replace_projector(_method("simclr", "wide_resnet28w2"), num_experts=2)
+    with pytest.raises(ValueError, match="drop_hidden_bias"):
+        replace_projector(_method("simclr", "wide_resnet28w2"), num_experts=2, drop_hidden_bias=False)
+    model = _method("simclr", "wide_resnet28w2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        replace_projector(model, num_experts=2, drop_hidden_bias=True)
+
+
+def test_a_projector_the_experts_cannot_represent_is_refused_by_name():
+    cfg = _cfg("vibcreg", "wide_resnet28w2")
+    cfg.method_kwargs.iternorm = True  # VIbCReg's optional IterNorm whitening after the last Linear
+    model = solo_methods.METHODS["vibcreg"](cfg)
+    old = model.projector
+    with pytest.raises(ValueError, match="IterNorm"):
+        replace_projector(model, num_experts=2)
+    assert model.projector is old  # nothing replaced
 
 
 def test_errors_without_a_projector_or_a_solo_method():
