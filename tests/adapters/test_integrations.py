@@ -88,3 +88,33 @@ def test_lightly_momentum_head_swap_keeps_update_momentum_consistent():
     for b, t, o in zip(before, teacher.parameters(), head.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
     assert teacher(torch.randn(4, 32)).shape == (4, 16)
+
+
+def test_missing_solo_learn_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from star_heads.integrations.solo_learn import replace_projector
+
+    monkeypatch.setitem(sys.modules, "solo", None)  # as if solo-learn were not installed
+    monkeypatch.setitem(sys.modules, "solo.methods", None)
+    monkeypatch.setitem(sys.modules, "solo.methods.base", None)
+    with pytest.raises(ImportError) as info:
+        replace_projector(_SoloLikeMethod())
+    message = str(info.value)
+    assert "from source" in message and "torch 1.9" in message
+    assert "pip install solo-learn" not in message
+
+
+def test_lightning_integration_is_lazy_and_says_what_is_missing(monkeypatch):
+    import importlib
+    import sys
+
+    import star_heads
+
+    assert "star_heads.integrations.lightning" not in sys.modules or "lightning" in sys.modules
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "star_heads.integrations.lightning", raising=False)
+    with pytest.raises(ImportError, match="pip install lightning"):
+        importlib.import_module("star_heads.integrations.lightning")
+    assert star_heads.__version__  # the package itself never needed it
