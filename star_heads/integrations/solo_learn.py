@@ -20,7 +20,6 @@ For methods with a momentum (teacher) projector (BYOL, MoCo v2+/v3, NNBYOL, ReSS
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from star_heads.augment import PARAM_DIM, STARAugment
 from star_heads.equivariance import AugParamNormalizer, EquivariantPredictor
-from star_heads.integrations.swap import projector_spec, swap_projector
+from star_heads.integrations.swap import swap_projector
 from star_heads.losses import EquivariantNTXentLoss
 
 __all__ = ["replace_projector", "STAREquivariantMixin", "SOLO_INSTALL_HINT"]
@@ -48,7 +47,7 @@ def _base_method() -> type:
 
 
 def replace_projector(
-    method: nn.Module, *, num_experts: int = 8, drop_hidden_bias: bool | None = None, **kwargs: Any
+    method: nn.Module, *, num_experts: int = 8, **kwargs: Any
 ) -> nn.Module:
     """Replaces ``method.projector`` of a solo-learn method by a STAR head of the same shape (and its
     ``momentum_projector``, if any, by a frozen copy of that head).
@@ -59,10 +58,8 @@ def replace_projector(
     Args:
         method: A solo-learn method (``solo.methods.base.BaseMethod``) with a ``projector``.
         num_experts: Experts of the STAR head.
-        drop_hidden_bias: Some solo projectors (SimCLR, SupCon, NNCLR, ...) have hidden Linear biases with no
-            BatchNorm after them; STAR's experts have none. None (default) drops them with a warning that names
-            the method; True drops them silently; False refuses (ValueError).
-        **kwargs: Passed to :func:`~star_heads.integrations.swap_projector` (head and layer options).
+        **kwargs: Passed to :func:`~star_heads.integrations.swap_projector` (head and layer options, e.g.
+            ``drop_hidden_bias=True`` for the paper's bias-free hidden Linears where solo's projector has biases).
 
     Returns:
         The new online head.
@@ -77,30 +74,10 @@ def replace_projector(
         raise TypeError(f"method must be a solo-learn BaseMethod, got {type(method).__name__}")
     if not isinstance(getattr(method, "projector", None), nn.Module):
         raise AttributeError(f"{type(method).__name__} has no projector to replace")
-    if drop_hidden_bias is None:
-        drop_hidden_bias = _has_unrepresentable_hidden_bias(method.projector)
-        if drop_hidden_bias:
-            warnings.warn(
-                f"{type(method).__name__}'s projector has hidden Linear biases with no BatchNorm after them; STAR's "
-                "experts have none, so the STAR head drops them (pass drop_hidden_bias=True to accept this silently, "
-                "False to refuse)",
-                UserWarning,
-                stacklevel=2,
-            )
     momentum = "momentum_projector" if isinstance(getattr(method, "momentum_projector", None), nn.Module) else None
     return swap_projector(
-        method, "projector", momentum_attr=momentum, num_experts=num_experts, drop_hidden_bias=drop_hidden_bias, **kwargs
+        method, "projector", momentum_attr=momentum, num_experts=num_experts, **kwargs
     )
-
-
-def _has_unrepresentable_hidden_bias(projector: nn.Module) -> bool:
-    try:
-        projector_spec(projector)
-    except ValueError as err:
-        if "drop_hidden_bias" in str(err):
-            return True
-        raise
-    return False
 
 
 class STAREquivariantMixin:

@@ -2,7 +2,6 @@
 included, and the equivariant mixin. Needs the solo-learn source on PYTHONPATH (v1.0.6) and its tests/ helpers."""
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -73,16 +72,15 @@ def _source(cls):
 def test_replace_projector_then_a_training_step_and_the_momentum_update(name):
     model = _method(name, "wide_resnet28w2")  # the smallest solo backbone: 16 methods stay fast
     old = model.projector
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        head = replace_projector(model, num_experts=2)
-    hidden_bias_without_norm = _hidden_bias_without_norm(old)
-    assert any("hidden Linear biases" in str(w.message) for w in caught) == hidden_bias_without_norm
+    head = replace_projector(model, num_experts=2)
+    # the experts keep every Linear's bias (or its absence) exactly as solo built the projector
+    old_biases = [m.bias is not None for m in old.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.bias is not None for m in head.experts.to_modules()[0] if isinstance(m, torch.nn.Linear)] == old_biases
     # the swap keeps the projector's hidden norm: BatchNorm where solo has it, none where it has none
     has_bn = any(isinstance(m, torch.nn.BatchNorm1d) for m in old.modules())
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == has_bn
     assert model.projector is head and isinstance(head, STARSimCLRProjectionHead)
-    spec = projector_spec(old, drop_hidden_bias=True)
+    spec = projector_spec(old)
     assert (head.input_dim, head.output_dim) == (spec.input_dim, spec.output_dim)
     assert [p.shape[-2:] for p in head.experts.parameters() if p.ndim >= 2][:1]  # experts exist
     ids = {id(p) for g in model.learnable_params for p in g["params"]}
@@ -162,27 +160,16 @@ def test_fast_dev_run_after_the_swap(name):
         assert any(not torch.equal(teacher[k], start[k]) for k in teacher)
 
 
-def _hidden_bias_without_norm(projector):
-    layers = [m for m in projector.modules() if not isinstance(m, torch.nn.Sequential)]
-    for i, m in enumerate(layers[:-1]):
-        if isinstance(m, torch.nn.Linear) and m is not layers[-1] and m.bias is not None:
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if not isinstance(nxt, (torch.nn.BatchNorm1d, torch.nn.LayerNorm)) and any(
-                isinstance(x, torch.nn.Linear) for x in layers[i + 1 :]
-            ):
-                return True
-    return False
-
-
-def test_hidden_biases_are_dropped_with_a_warning_or_refused():
-    with pytest.warns(UserWarning, match="SimCLR's projector has hidden Linear biases"):
-        replace_projector(_method("simclr", "wide_resnet28w2"), num_experts=2)
-    with pytest.raises(ValueError, match="drop_hidden_bias"):
-        replace_projector(_method("simclr", "wide_resnet28w2"), num_experts=2, drop_hidden_bias=False)
-    model = _method("simclr", "wide_resnet28w2")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        replace_projector(model, num_experts=2, drop_hidden_bias=True)
+def test_hidden_biases_are_kept_exactly_or_dropped_on_request():
+    model = _method("simclr", "wide_resnet28w2")  # Linear(bias) -> ReLU -> Linear: no BatchNorm after the bias
+    old = copy.deepcopy(model.projector)
+    head = replace_projector(model, num_experts=2)
+    # an expert loaded with the old projector's weights computes exactly what solo's projector computed
+    bank = type(head.experts).from_modules([old, old])
+    x = torch.randn(6, old[0].in_features)
+    torch.testing.assert_close(bank(x)[:, 0], old(x))
+    dropped = replace_projector(_method("simclr", "wide_resnet28w2"), num_experts=2, drop_hidden_bias=True)
+    assert dropped.experts.linears[0].bias is None
 
 
 def test_a_projector_the_experts_cannot_represent_is_refused_by_name():
