@@ -39,7 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT)]
 
-from benchmarks._report import machine_info, markdown_table, write_json, write_section  # noqa: E402
+from benchmarks._common import machine_info, write_json, write_section  # noqa: E402
+from benchmarks._common import table as markdown_table  # noqa: E402
 
 __all__ = ["CONFIGS", "SETTINGS", "main", "run_one", "summarize"]
 
