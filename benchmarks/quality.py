@@ -393,7 +393,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
-            rows = list(ex.map(run_one, *zip(*[(a, s, str(runs_dir), settings, tkw, threads) for a, s in jobs])))
+            futures = [ex.submit(run_one, a, s, str(runs_dir), settings, tkw, threads) for a, s in jobs]
+            rows, errors = [], []
+            for (a, s), fut in zip(jobs, futures):  # one failing run must not cancel the others
+                try:
+                    rows.append(fut.result())
+                except Exception as exc:  # noqa: BLE001 - reported below, after every run has finished
+                    errors.append(f"{a.name}-s{s}: {type(exc).__name__}: {exc}")
+        if errors:
+            raise RuntimeError(f"{len(errors)} run(s) failed (finished runs are saved and reused): {'; '.join(errors)}")
     else:
         rows = [run_one(a, s, str(runs_dir), settings, tkw) for a, s in jobs]
     wall = time.perf_counter() - t0
