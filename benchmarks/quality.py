@@ -299,8 +299,10 @@ def render(summary: dict[str, Any], payload: dict[str, Any]) -> str:
     s, t = payload["settings"], payload["transfer"]
     steps = s["epochs"] * (s.get("steps_per_epoch") or s["num_train"] // s["batch_size"])
     head = (
-        f"{machine_line(payload['machine'])} {payload['jobs']} run(s) at a time; whole grid "
-        f"{payload['wall_time_s'] / 60:.1f} min wall ({payload['reused_runs']} run(s) reused). "
+        f"{machine_line(payload['machine'])} {payload['jobs']} run(s) at a time, one torch thread each when more "
+        f"than one; {payload['num_runs']} runs took {payload['run_time_s'] / 60:.0f} min of wall time in all (sum over "
+        f"runs, training + CCA + probes); this invocation {payload['wall_time_s'] / 60:.1f} min "
+        f"({payload['reused_runs']} run(s) reused from an earlier invocation). "
         f"`shapes` (plain background), ConvNet width {s['width']} (d = {8 * s['width']}), EquiMod-style objective, "
         f"{s['epochs']} epochs × {steps // s['epochs']} steps of batch {s['batch_size']} = **{steps} SGD steps** on "
         f"{s['num_train']} images, SGD 0.03 cosine; seeds {payload['seeds']}. CCA on {s['num_heldout']} held-out "
@@ -330,7 +332,6 @@ def render(summary: dict[str, Any], payload: dict[str, Any]) -> str:
         "redundant, so a negative value favours the first arm.",
         table(cmp_rows, {"pair": "pair", "cca_excess": "Δ excess", "svcca": "Δ SVCCA",
                          **{t: f"Δ {t} (points)" for t in summary["judged_tasks"]}}),
-        "![CCA over training](images/quality_cca.png)",
     ])
 
 
@@ -408,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarize(rows, arms)
     payload = {"benchmark": "quality", "quick": args.quick, "machine": machine, "settings": settings,
                "transfer": tkw, "seeds": seeds, "jobs": args.jobs, "wall_time_s": wall,
-               "reused_runs": sum(r["reused"] for r in rows), "arms": [vars(a) for a in arms],
+               "reused_runs": sum(r["reused"] for r in rows), "num_runs": len(rows),
+               "run_time_s": sum(r["time_s"] for r in rows), "arms": [vars(a) for a in arms],
                "svcca_keep": SVCCA_KEEP, "runs": rows, "summary": summary}
     write_json(out / "benchmarks" / "quality.json", payload)
     plot(rows, arms, out / "images" / "quality_cca.png")

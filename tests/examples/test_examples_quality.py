@@ -138,7 +138,8 @@ def test_paired_statistics_and_judged_tasks_by_hand():
     one = quality.summarize([r for r in _rows(acc, excess) if r["seed"] == 0], arms)
     assert one["judged_tasks"] == [] and one["comparisons"][0]["cca_excess"]["sd"] is None
     text = quality.render(s, {"settings": quality.SETTINGS, "transfer": quality.TRANSFER, "machine": _machine(),
-                              "jobs": 2, "wall_time_s": 60.0, "reused_runs": 0, "seeds": [0, 1, 2]})
+                              "jobs": 2, "wall_time_s": 60.0, "reused_runs": 0, "seeds": [0, 1, 2],
+                              "num_runs": 9, "run_time_s": 600.0})
     assert "| star-8 − single | – | – |" in text and "judged tasks: shape" in text and "1024 SGD steps" in text
 
 
