@@ -1,259 +1,147 @@
-"""CCA benchmark: speed and accuracy of star_heads.metrics vs sklearn and plain numpy, and monitor overhead.
+"""Speed and accuracy of the CCA metric against numpy's float64 QR + SVD (and sklearn once), and the null table.
 
-Run:  python benchmarks/cca.py            (full: n = 4096, 16384; p = q = 128, 512; a few minutes)
-      python benchmarks/cca.py --quick    (tiny sizes, seconds; used by the tests)
-Writes docs/benchmarks/cca.json and the ``cca`` section of docs/benchmarks.md (paths configurable).
+    python -m benchmarks.cca [--quick] [--out-dir DIR] [--repeats R] [--no-sklearn]
 
-Everything runs side by side in one process with one BLAS / torch thread (the machine is shared),
-timings are medians of interleaved repeats. Errors are absolute, against a float64 scipy oracle
-(QR of each centred view, then singular values of Qx^T Qy) on the same float32 data.
+One BLAS and one torch thread; ``ours`` (``mean_canonical_correlation`` on float32 input), ``meter``
+(``CCAMeter.update`` in batches of 256, then ``compute``, no null) and ``numpy`` (QR of each centred float64
+view, then the singular values of Qx^T Qy: the textbook route, Björck & Golub 1973) run interleaved; ``numpy``
+is also the reference for the errors. Views carry p/4 planted canonical correlations (0.9 … 0.1) under random
+mixing; ``cond`` rows scale the views' columns so that their condition number is that value. sklearn's
+``CCA(n_components=p)`` (iterative NIPALS) runs once at one size. The null table is the expected mean CCA of
+independent views (``null_mean_canonical_correlation``), which docs/cca.md quotes.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import scipy.linalg as sla
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._report import DOCS, machine_info, markdown_table, write_json, write_section  # noqa: E402
-from star_heads.metrics import CCAMeter, CCAMonitor, mean_canonical_correlation  # noqa: E402
-from star_heads.metrics.null import null_mean_canonical_correlation  # noqa: E402
+from benchmarks._common import interleaved, machine_info, machine_line, output_dir, table, write_json, write_section
+from star_heads.metrics import CCAMeter, mean_canonical_correlation, null_mean_canonical_correlation
+
+FULL = {"configs": [(4096, 64, None), (4096, 128, None), (16384, 64, None), (16384, 128, None), (4096, 512, None),
+                    (4096, 128, 1e4)], "sklearn": (4096, 128), "repeats": 7, "null_p": 128,
+        "null_n": [512, 1024, 2048, 4096, 8192, 16384, 65536]}
+QUICK = {"configs": [(256, 16, None), (512, 32, 1e4)], "sklearn": (256, 16), "repeats": 2, "null_p": 16,
+         "null_n": [64, 256, 1024]}
 
 
-def make_views(n: int, p: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 embeddings with p/4 planted canonical correlations from 0.9 down to 0.1."""
+def make_views(n: int, p: int, cond: float | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 views ``[n, p]`` with p/4 planted canonical correlations from 0.9 down to 0.1."""
     g = torch.Generator().manual_seed(seed)
     k = max(1, p // 4)
     rho = torch.linspace(0.9, 0.1, k, dtype=torch.float64)
-    x0 = torch.randn(n, p, generator=g, dtype=torch.float64)
-    y0 = torch.randn(n, p, generator=g, dtype=torch.float64)
-    y0[:, :k] = rho * x0[:, :k] + (1 - rho**2).sqrt() * y0[:, :k]
-    mix = lambda: torch.randn(p, p, generator=g, dtype=torch.float64) / p**0.5 + torch.eye(p, dtype=torch.float64)
-    return (x0 @ mix() + 1.0).float(), (y0 @ mix() - 2.0).float()
+    x = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y[:, :k] = rho * x[:, :k] + (1 - rho**2).sqrt() * y[:, :k]
+    views = []
+    for v in (x, y):
+        if cond is not None:  # column scales from 1 down to 1/cond, then a rotation: condition number ≈ cond
+            v = v * torch.logspace(0, -np.log10(cond), p, dtype=torch.float64)
+            v = v @ torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))[0]
+        else:
+            v = v @ (torch.randn(p, p, generator=g, dtype=torch.float64) / p**0.5 + torch.eye(p, dtype=torch.float64))
+        views.append((v + 1.0).float())
+    return views[0], views[1]
 
 
-def oracle(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    qx = sla.qr(x - x.mean(0), mode="economic")[0]
-    qy = sla.qr(y - y.mean(0), mode="economic")[0]
-    return np.clip(sla.svdvals(qx.T @ qy), 0, 1)
+def numpy_qr_svd(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    qx = np.linalg.qr(x - x.mean(0))[0]
+    qy = np.linalg.qr(y - y.mean(0))[0]
+    return np.clip(np.linalg.svd(qx.T @ qy, compute_uv=False), 0, 1)
 
 
-def numpy_svd(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    ux = np.linalg.svd(x - x.mean(0), full_matrices=False)[0]
-    uy = np.linalg.svd(y - y.mean(0), full_matrices=False)[0]
-    return np.clip(np.linalg.svd(ux.T @ uy, compute_uv=False), 0, 1)
+def meter_cca(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    meter = CCAMeter(x.shape[1], y.shape[1], null_baseline=False)
+    for xb, yb in zip(x.split(256), y.split(256)):
+        meter.update(xb, yb)
+    return meter.compute().correlations.numpy()
 
 
 def sklearn_cca(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    try:
-        from sklearn.cross_decomposition import CCA
-    except ImportError as err:  # pragma: no cover
-        raise ImportError('sklearn comparison needs scikit-learn: pip install "star-heads[examples]"') from err
+    from sklearn.cross_decomposition import CCA
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning for later components
+        warnings.simplefilter("ignore")  # ConvergenceWarning for the later components
         xs, ys = CCA(n_components=x.shape[1], scale=False).fit(x, y).transform(x, y)
     xs, ys = xs - xs.mean(0), ys - ys.mean(0)
-    corr = (xs * ys).sum(0) / np.sqrt((xs * xs).sum(0) * (ys * ys).sum(0))
-    return np.sort(np.abs(np.nan_to_num(corr)))[::-1]
+    return np.abs((xs * ys).sum(0) / np.sqrt((xs * xs).sum(0) * (ys * ys).sum(0)))
 
 
-def meter_cca(x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> np.ndarray:
-    meter = CCAMeter(x.shape[1], y.shape[1], null_baseline=False)
-    for xb, yb in zip(x.split(batch), y.split(batch)):
-        meter.update(xb, yb)
-    return meter.compute().correlations.cpu().numpy()
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: str = "cpu"):
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - t0, out
-
-
-def bench_config(n: int, p: int, repeats: int, with_sklearn: bool, device: str) -> dict:
-    x, y = make_views(n, p)
+def bench(n: int, p: int, cond: float | None, repeats: int, sklearn: bool) -> dict[str, Any]:
+    x, y = make_views(n, p, cond)
     xn, yn = x.double().numpy(), y.double().numpy()
-    ref = oracle(xn, yn)
-    xd, yd = x.to(device), y.to(device)
-    methods = {
-        "ours": lambda: mean_canonical_correlation(xd, yd).cpu().numpy()[None],
-        "meter": lambda: meter_cca(xd, yd),
-        "numpy": lambda: numpy_svd(xn, yn),
-    }
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    outs = {}
-    for name, fn in methods.items():  # warm-up
-        outs[name] = fn()
-    for _ in range(repeats):  # interleaved
-        for name, fn in methods.items():
-            dt, outs[name] = _timed(fn, device if name != "numpy" else "cpu")
-            times[name].append(dt)
-    row = {"n": n, "p": p, "device": device, "oracle_mean": float(ref.mean())}
-    for name in methods:
-        row[f"{name}_s"] = statistics.median(times[name])
-    row["ours_abs_err"] = abs(float(outs["ours"][0]) - float(ref.mean()))
-    row["meter_abs_err"] = float(np.abs(outs["meter"] - ref).max())
-    row["numpy_abs_err"] = float(np.abs(outs["numpy"] - ref).max())
-    row["numpy_over_ours"] = row["numpy_s"] / row["ours_s"]
-    row["null_s"], row["null_mean"] = _timed(lambda: null_mean_canonical_correlation(n, torch.ones(p), torch.ones(p)))
-    if with_sklearn:
-        dt, sk = _timed(lambda: sklearn_cca(xn, yn))
-        row.update(sklearn_s=dt, sklearn_abs_err=float(np.abs(sk - ref).max()),
-                   sklearn_mean_abs_err=abs(float(sk.mean()) - float(ref.mean())), sklearn_over_ours=dt / row["ours_s"])
+    outs: dict[str, Any] = {}
+    fns = {"ours": lambda: outs.__setitem__("ours", float(mean_canonical_correlation(x, y))),
+           "meter": lambda: outs.__setitem__("meter", meter_cca(x, y)),
+           "numpy": lambda: outs.__setitem__("numpy", numpy_qr_svd(xn, yn))}
+    t = interleaved(fns, repeats)
+    ref = outs["numpy"]
+    row = {"n": n, "p": p, "cond": cond, **{f"{k}_ms": v["cpu_ms"] for k, v in t.items()},
+           "ours_vs_numpy": t["ours"]["cpu_ms"] / t["numpy"]["cpu_ms"],
+           "meter_vs_numpy": t["meter"]["cpu_ms"] / t["numpy"]["cpu_ms"], "mean": float(ref.mean()),
+           "ours_err": abs(outs["ours"] - float(ref.mean())), "meter_err": float(np.abs(outs["meter"] - ref).max())}
+    if sklearn:
+        t_sk = interleaved({"sklearn": lambda: outs.__setitem__("sklearn", sklearn_cca(xn, yn))}, 1, warmup=0)
+        row.update(sklearn_ms=t_sk["sklearn"]["cpu_ms"], sklearn_err=float(np.abs(np.sort(outs["sklearn"])[::-1] - ref).max()))
     return row
 
 
-def skipped_note(rows: list[dict], sklearn_ok: set) -> str:
-    measured = [r for r in rows if "sklearn_s" in r]
-    note = "sklearn CCA(n_components=p) runs only at " + ", ".join(f"n={n}, p={p}" for n, p in sorted(sklearn_ok))
-    if measured:
-        r = measured[0]
-        note += (f": its NIPALS loop cost {r['sklearn_s'] / r['p']:.2f} s per component there ({r['sklearn_s']:.0f} s in "
-                 "all, one component per dimension); the other configurations multiply that by about 4 (n=16384), "
-                 "16 (p=512: 4x the components, each on 4x wider data) and 64 (both), far beyond the benchmark's "
-                 "5-minute budget")
-    return note
+def render(p: dict[str, Any]) -> str:
+    cols = {"n": "n", "p": "p = q", "cond": "cond", "ours_ms": "ours ms", "meter_ms": "meter ms", "numpy_ms": "numpy ms",
+            "ours_vs_numpy": "ours / numpy", "meter_vs_numpy": "meter / numpy", "ours_err": "ours error (mean)",
+            "meter_err": "meter error (max)"}
+    sk = next(r for r in p["rows"] if "sklearn_ms" in r) if any("sklearn_ms" in r for r in p["rows"]) else None
+    rows = [{**r, "cond": "—" if r["cond"] is None else f"{r['cond']:.0e}"} for r in p["rows"]]
+    parts = [machine_line(p["machine"]) + f" One BLAS thread; median process CPU time of {p['repeats']} interleaved "
+             "repeats; errors are absolute, against numpy's float64 QR + SVD.", table(rows, cols)]
+    if sk:
+        parts.append(f"sklearn `CCA(n_components={sk['p']})` at n = {sk['n']}, p = q = {sk['p']} (one run): "
+                     f"{sk['sklearn_ms'] / 1e3:.3g} s, {sk['sklearn_ms'] / sk['ours_ms']:.0f}× the time of `ours`, "
+                     f"max error {sk['sklearn_err']:.1e}.")
+    nulls = {str(r["n"]): r["null_mean"] for r in p["null_table"]}
+    parts += [f"Expected mean CCA of independent views (null baseline), p = q = {p['null_table'][0]['p']}:",
+              table([nulls], {k: f"n = {k}" for k in nulls})]
+    return "\n\n".join(parts)
 
 
-class HeadStandIn(torch.nn.Module):
-    """FLOP-equivalent of a STAR head at the STL10 config: N experts d→d→d→out, 2 routers (fused layout)."""
-
-    def __init__(self, d: int = 512, experts: int = 16, out: int = 128) -> None:
-        super().__init__()
-        self.n = experts
-        self.first = torch.nn.Linear(d, experts * d, bias=False)
-        self.bn1 = torch.nn.BatchNorm1d(experts * d)
-        self.w2 = torch.nn.Parameter(torch.randn(experts, d, d) / d**0.5)
-        self.bn2 = torch.nn.BatchNorm1d(experts * d)
-        self.w3 = torch.nn.Parameter(torch.randn(experts, d, out) / d**0.5)
-        self.gates = torch.nn.Linear(d, 2 * experts)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = h.shape[0]
-        a = torch.relu(self.bn1(self.first(h))).view(b, self.n, -1).transpose(0, 1)  # [N, B, d]
-        a = torch.bmm(a, self.w2).transpose(0, 1).reshape(b, -1)
-        a = torch.relu(self.bn2(a)).view(b, self.n, -1).transpose(0, 1)
-        e = torch.bmm(a, self.w3)  # [N, B, out]
-        g = self.gates(h).view(b, 2, self.n).softmax(-1)  # [B, task, N]
-        z = torch.einsum("btn,nbo->tbo", g, e)
-        return z[0], z[1]
-
-
-def bench_monitor(batch: int, d: int, experts: int, out: int, every: int, repeats: int) -> dict:
-    head = HeadStandIn(d, experts, out)
-    h = torch.randn(3 * batch, d)  # x0, x1, x2 views through the head as one batch
-
-    def train_step():
-        z_inv, z_eq = head(h)
-        (z_inv.square().mean() + z_eq.square().mean()).backward()
-        return z_inv, z_eq
-
-    z_inv, z_eq = train_step()
-    monitor = CCAMonitor(every=every)
-    zi, ze = z_inv[:batch], z_eq[:batch]
-    for _ in range(every):  # warm-up window (computes and caches the null baseline)
-        monitor.update(zi, ze)
-    step_t, window_t = [], []
-    for _ in range(repeats):
-        for _ in range(3):
-            step_t.append(_timed(train_step)[0])
-        dt, results = _timed(lambda: [monitor.update(zi, ze) for _ in range(every)])
-        assert results[-1] is not None and all(r is None for r in results[:-1])
-        window_t.append(dt)
-    per_step = statistics.median(window_t) / every
-    return {"batch": batch, "p": out, "q": out, "every": every, "experts": experts, "width": d,
-            "head_step_s": statistics.median(step_t), "monitor_per_step_s": per_step,
-            "overhead_pct": 100 * per_step / statistics.median(step_t)}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
-    parser.add_argument("--out-json", default=str(DOCS / "benchmarks" / "cca.json"))
-    parser.add_argument("--out-md", default=str(DOCS / "benchmarks.md"))
-    parser.add_argument("--no-sklearn", action="store_true")
-    args = parser.parse_args(argv)
-
-    torch.manual_seed(0)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats; writes to a temporary folder")
+    ap.add_argument("--out-dir", type=Path, help="write under this folder instead of docs/ (or the temporary one)")
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--no-sklearn", action="store_true")
+    a = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:
         from threadpoolctl import threadpool_limits
 
-        limiter = threadpool_limits(1)
-    except ImportError:  # pragma: no cover
-        limiter = None
-    if args.quick:
-        configs, repeats = [(256, 16), (512, 32)], 2
-        sklearn_ok = {(256, 16)}
-        monitor_cfg = dict(batch=64, d=64, experts=4, out=16, every=10, repeats=2)
-    else:
-        configs, repeats = [(4096, 128), (16384, 128), (4096, 512), (16384, 512)], 5
-        sklearn_ok = {(4096, 128)}
-        monitor_cfg = dict(batch=256, d=512, experts=16, out=128, every=100, repeats=3)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = []
-    for device in devices:
-        for n, p in configs:
-            sk = not args.no_sklearn and device == "cpu" and (n, p) in sklearn_ok
-            rows.append(bench_config(n, p, repeats if p < 512 else max(2, repeats - 2), sk, device))
-            print(rows[-1], flush=True)
-    monitor = bench_monitor(**monitor_cfg)
-    print(monitor, flush=True)
-    null_p = 16 if args.quick else 128
-    null_table = [{"n": n, "p": null_p, "q": null_p,
-                   "null_mean": null_mean_canonical_correlation(n, torch.ones(null_p), torch.ones(null_p))}
-                  for n in ([64, 256, 1024] if args.quick else [512, 1024, 2048, 4096, 8192, 16384, 65536])]
-    if limiter is not None:
-        limiter.unregister()
-    payload = {"benchmark": "cca", "quick": args.quick, "machine": machine_info(), "threads": 1,
-               "skipped": skipped_note(rows, sklearn_ok),
-               "rows": rows, "monitor": monitor, "null_table": null_table}
-    write_json(args.out_json, payload)
-    write_section(args.out_md, "cca", render(payload))
-    return payload
-
-
-def render(payload: dict) -> str:
-    m = payload["monitor"]
-    cols = ["n", "p", "device", "ours_s", "meter_s", "numpy_s", "sklearn_s", "numpy_over_ours", "sklearn_over_ours",
-            "ours_abs_err", "meter_abs_err", "numpy_abs_err", "sklearn_abs_err", "null_s"]
-    return "\n".join([
-        "## CCA metric (`benchmarks/cca.py`" + (" --quick" if payload["quick"] else "") + ")",
-        "",
-        f"Machine: {payload['machine']['cpu']}, torch {payload['machine']['torch']}, 1 thread (BLAS and torch). "
-        "Times in seconds (median of interleaved repeats); `ours` = `mean_canonical_correlation` on float32 input, "
-        "`meter` = `CCAMeter.update` in batches of 256 + `compute` (no null), `numpy` = float64 SVD of each view + "
-        "SVD of Ux^T Uy, `sklearn` = `CCA(n_components=p)` (one run). Errors: max absolute error of the correlations "
-        "(of the mean for `ours`) vs a float64 scipy QR oracle. `null_s`: one null-baseline evaluation (cached per n).",
-        "",
-        markdown_table(payload["rows"], cols),
-        "",
-        f"Skipped: {payload['skipped']}.",
-        "",
-        f"Monitor overhead: `CCAMonitor(every={m['every']})` update with B={m['batch']}, p=q={m['p']} costs "
-        f"{m['monitor_per_step_s'] * 1e3:.3f} ms per step (compute amortised) vs {m['head_step_s'] * 1e3:.1f} ms for a "
-        f"FLOP-equivalent STAR head forward+backward ({m['experts']} experts of width {m['width']}, batch "
-        f"{3 * m['batch']}) = **{m['overhead_pct']:.2f}%** of the head step alone (a full step adds the backbone).",
-        "",
-        "Null baseline (expected mean CCA of independent views) for p = q = "
-        f"{payload['null_table'][0]['p']}: "
-        + ", ".join(f"n={r['n']}: {r['null_mean']:.3f}" for r in payload["null_table"]) + ".",
-    ])
+        threadpool_limits(1)  # numpy's BLAS / LAPACK
+    except ImportError:
+        pass
+    cfg, out = QUICK if a.quick else FULL, output_dir(a.out_dir, a.quick)
+    repeats = a.repeats or cfg["repeats"]
+    try:
+        import sklearn  # noqa: F401
+        with_sklearn = not a.no_sklearn
+    except ImportError:
+        with_sklearn = False
+    p: dict[str, Any] = {"benchmark": "cca", "quick": a.quick, "machine": machine_info(), "repeats": repeats,
+                         "timer": "process CPU time"}
+    p["rows"] = [bench(n, q, cond, repeats, with_sklearn and (n, q) == cfg["sklearn"] and cond is None)
+                 for n, q, cond in cfg["configs"]]
+    ones = torch.ones(cfg["null_p"])
+    p["null_table"] = [{"n": n, "p": cfg["null_p"], "null_mean": null_mean_canonical_correlation(n, ones, ones)}
+                       for n in cfg["null_n"]]
+    write_json(out / "benchmarks" / "cca.json", p)
+    write_section(out / "benchmarks.md", "cca", render(p))
+    print(f"wrote {out}/benchmarks/cca.json, {out}/benchmarks.md (section cca)")
+    return p
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ __all__ = ["HEADS", "METHODS", "CLIError", "build_parser", "cli", "main", "train
 CONFIG_KEYS = ("method", "head", "num_experts", "lam", "temperature", "epochs", "batch_size", "lr", "momentum",
                "weight_decay", "seed", "dataset", "image_size", "num_train", "num_heldout", "backbone", "width",
                "cifar_stem", "invariant_only")
-CONFIG_DEFAULTS = {"predictor": "star", "lr_rule": "fixed", "wd_policy": "no-bias-norm", "match_params": False,
+CONFIG_DEFAULTS = {"predictor": "star", "lr_rule": "fixed", "wd_policy": "no-bias-norm", "match_params": False, "hidden_dim": None,
                    "check_finite": True, "world_size": 1, "steps_per_epoch": None, "amp": False, "compile": False,
                    "data_dir": None, "download": False}
 CHECKPOINT_KEYS = ("epoch", "step", "backbone", "adapter", "optimizer", "scheduler", "rng")

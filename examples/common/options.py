@@ -20,7 +20,7 @@ __all__ = [
 ]
 
 METHODS = ("simclr", "vicreg", "equimod")
-HEADS = ("star", "separate", "shared", "single")
+HEADS = ("star", "separate", "shared", "single", "equimod")
 LR_RULES = ("fixed", "paper")
 WD_POLICIES = ("no-bias-norm", "all")
 # Options a resumed run may change (everything else comes from the run's config.json).
@@ -53,15 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer style: SimCLR (NT-Xent), VICReg, or EquiMod (NT-Xent invariant + equivariant)")
     g.add_argument("--head", default="star", choices=HEADS,
                    help="star = STAR soft-routed experts; separate = EquiMod's two heads; shared = STAR-SS "
-                   "(shared + specific experts); single = one invariant head (invariant-only baseline)")
-    g.add_argument("--num-experts", type=int, default=8, help="experts N of the STAR head")
+                   "(shared + specific experts); single = one invariant head (invariant-only baseline); "
+                   "equimod = EquiMod's own head shape (SeparateHeads.equimod: d → H → H → 128, final BN "
+                   "without affine; H = --hidden-dim, default 2048)")
+    g.add_argument("--num-experts", type=int, default=8,
+                   help="experts N of the STAR head (with --match-params: of the STAR head to match)")
+    g.add_argument("--hidden-dim", type=int, default=None,
+                   help="hidden width of the head's MLPs (default: the backbone's feature width; equimod: 2048)")
+    g.add_argument("--match-params", action="store_true",
+                   help="separate / shared / single: choose the hidden width so that the head has the parameter "
+                   "count (within 5%%) and FLOPs (within 10%%) of the STAR head with --num-experts experts")
     g.add_argument("--invariant-only", action="store_true",
                    help="train only the invariant objective adapter(h1, h2) (implied by --head single)")
     g.add_argument("--predictor", default="star", choices=("star", "equimod"),
                    help="equivariant predictor: STAR's residual MLP or EquiMod's single linear layer")
-    g.add_argument("--match-params", action="store_true",
-                   help="--head separate/shared: size the baseline's hidden width so that its parameter count matches "
-                   "the STAR head of --num-experts (within 5 %%; SeparateHeads.param_matched)")
     g.add_argument("--lam", type=float, default=1.0, help="weight λ of the equivariant loss")
     g.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (simclr / equimod)")
     g = p.add_argument_group("optimisation")
@@ -178,7 +183,9 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "num_experts", "num_train", "num_heldout", "width"):
         if cfg[key] < 1:
             raise CLIError(f"{_flag(key)} must be >= 1, got {cfg[key]}")
-    for key in ("steps_per_epoch", "stop_after", "threads"):
+    if cfg.get("match_params") and cfg["head"] in ("star", "equimod"):
+        raise CLIError(f"--match-params sizes a baseline head to STAR; it does not apply to --head {cfg['head']}")
+    for key in ("steps_per_epoch", "stop_after", "threads", "hidden_dim"):
         if cfg.get(key) is not None and cfg[key] < 1:
             raise CLIError(f"{_flag(key)} must be >= 1, got {cfg[key]}")
     if cfg.get("image_size") is not None and cfg["image_size"] < 8:
@@ -194,8 +201,6 @@ def validate(cfg: dict[str, Any]) -> None:
         raise CLIError(f"--momentum must be < 1, got {cfg['momentum']}")
     if cfg["workers"] < 0:
         raise CLIError(f"--workers must be >= 0, got {cfg['workers']}")
-    if cfg.get("match_params") and cfg["head"] not in ("separate", "shared"):
-        raise CLIError(f"--match-params sizes --head separate or shared against STAR, got --head {cfg['head']}")
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:

@@ -24,8 +24,8 @@ from common.datasets import PretrainData, to_float
 from common.knn import knn_accuracy
 
 __all__ = [
-    "NonFiniteError", "SSLModel", "all_finite", "build_adapter", "build_augment", "build_optimizer", "evaluate",
-    "extract_features", "make_loader", "original_view", "progress",
+    "NonFiniteError", "SSLModel", "all_finite", "build_adapter", "build_augment", "build_head_module", "build_optimizer",
+    "evaluate", "extract_features", "make_loader", "original_view", "progress",
 ]
 
 
@@ -87,16 +87,9 @@ def build_adapter(cfg: dict[str, Any], feat_dim: int, *, distributed: bool = Fal
     cls = {"simclr": adapters.SimCLRAdapter, "vicreg": adapters.VICRegAdapter, "equimod": adapters.EquiModAdapter}
     # cca_every=0: the examples measure CCA(inv, eq) on a fixed held-out set every epoch instead of on
     # training batches (and a resumed run then logs exactly what an uninterrupted one does).
-    head: Any = cfg["head"]
-    if cfg.get("match_params"):  # the baseline sized like the STAR head of --num-experts (SeparateHeads.param_matched)
-        from star_heads import build_head
-
-        head = build_head(cfg["head"], feat_dim, num_experts=cfg["num_experts"], match_params=True)
-    kwargs: dict[str, Any] = dict(head=head, param_dim=PARAM_DIM,
+    kwargs: dict[str, Any] = dict(head=build_head_module(cfg, feat_dim), param_dim=PARAM_DIM,
                                   lam=cfg["lam"], gather=distributed, predictor=cfg.get("predictor", "star"),
                                   cca_every=0)
-    if cfg["head"] == "star":
-        kwargs["num_experts"] = cfg["num_experts"]
     if cfg["method"] != "vicreg":
         kwargs.update(temperature=cfg["temperature"], eq_temperature=cfg["temperature"])
     return cls[cfg["method"]](feat_dim, **kwargs)
@@ -112,6 +105,22 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
     if cfg.get("wd_policy", "no-bias-norm") == "all":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     return torch.optim.SGD(param_groups(model, cfg["weight_decay"]), lr=lr, momentum=cfg["momentum"])
+
+
+def build_head_module(cfg: dict[str, Any], feat_dim: int) -> nn.Module:
+    """The projection head of ``cfg``: ``head``, ``num_experts``, ``hidden_dim`` and ``match_params``.
+
+    ``equimod`` is EquiMod's head shape (``SeparateHeads.equimod``, hidden ``cfg['hidden_dim']`` or 2048);
+    ``match_params`` sizes a baseline kind to the STAR head with ``num_experts`` experts (``build_head``).
+    """
+    from star_heads import SeparateHeads, build_head
+
+    hidden = cfg.get("hidden_dim")
+    if cfg["head"] == "equimod":
+        return SeparateHeads.equimod(feat_dim, hidden_dim=hidden or 2048)
+    star_sized = cfg["head"] == "star" or cfg.get("match_params", False)
+    return build_head(cfg["head"], feat_dim, hidden_dim=hidden, num_experts=cfg["num_experts"] if star_sized else None,
+                      match_params=cfg.get("match_params", False))
 
 
 def build_augment(cfg: dict[str, Any], device: torch.device) -> nn.Module:

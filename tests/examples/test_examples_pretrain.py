@@ -109,7 +109,7 @@ def test_bf16_autocast_and_invariant_only_head(tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
-    (["--match-params"], "--match-params sizes --head separate or shared"),
+    (["--match-params"], "--match-params sizes a baseline head to STAR"),
 ])
 def test_every_bad_value_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flags, words):
     out = tmp_path / "run"
