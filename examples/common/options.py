@@ -24,7 +24,7 @@ HEADS = ("star", "separate", "shared", "single", "equimod")
 LR_RULES = ("fixed", "paper")
 WD_POLICIES = ("no-bias-norm", "all")
 # Options a resumed run may change (everything else comes from the run's config.json).
-RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads")
+RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads", "check_finite")
 # Options that are about this invocation, not the run.
 _CONTROL_KEYS = ("resume", "out", "overwrite")
 
