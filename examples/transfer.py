@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for r in args.runs:  # check every run before probing any
         run = RunDir.open(r)
         run.read_config()
-        if not os.access(run.path, os.W_OK | os.X_OK):
+        reuse = args.compare and (run.path / RESULTS).exists() and not args.recompute
+        if not reuse and not os.access(run.path, os.W_OK | os.X_OK):
             raise RunError(f"{run.path} is not writable, so {RESULTS} could not be saved")
     kw = dict(tasks=args.tasks, grid_points=args.grid_points, num_train=args.num_train, num_test=args.num_test,
               max_iter=args.max_iter, data_dir=args.data_dir, download=args.download, device=args.device)
