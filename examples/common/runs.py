@@ -243,7 +243,8 @@ class RunDir:
         accepted = self._accepted_digests()
         if not accepted:
             raise RunError(f"{self.checkpoint_path} has no checksum file {self.digest_path.name}, so it cannot be "
-                           "verified; refusing to load it")
+                           "verified; refusing to load it (a run written before checksums: if you trust the file, "
+                           f"run `sha256sum checkpoint.pt > {self.digest_path.name}` in {self.path})")
         digest = hashlib.sha256(data).hexdigest()
         if digest not in accepted:
             raise RunError(f"{self.checkpoint_path} is damaged: its SHA-256 {digest[:16]}… does not match "
