@@ -233,3 +233,32 @@ def test_paper_lr_rule_all_wd_and_param_matched_separate_heads(tmp_path):
         k: tuple(v.shape) for k, v in head.items() if isinstance(v, torch.Tensor)}
     n_star = count_parameters(STARHead(32, 128, num_experts=2, hidden_dim=32))
     assert abs(count_parameters(matched) - n_star) <= 0.05 * n_star
+
+
+def test_non_finite_features_never_reach_the_batchnorm_statistics():
+    from torch import nn
+
+    from common.training import NonFiniteError, SSLModel, build_adapter
+
+    cfg = {"method": "equimod", "head": "star", "num_experts": 2, "lam": 1.0, "temperature": 0.2}
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.BatchNorm1d(8))
+    model = SSLModel(backbone, build_adapter(cfg, 8), check_finite=True).train()
+    x = [torch.rand(4, 3, 4, 4) for _ in range(3)]
+    p = [torch.rand(4, 11) for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = x[1].clone()
+    bad[2, 0, 1, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN/Inf in the augmented views .* at epoch 3"):
+        model(x[0], bad, x[2], *p, where="epoch 3")
+    with torch.no_grad():
+        model.backbone[1].weight[0, 0] = float("inf")  # finite views, non-finite features
+    with pytest.raises(NonFiniteError, match="backbone features"):
+        model(*x, *p)
+    after = model.state_dict()
+    stats = [k for k in before if k.startswith("adapter.") and ("running" in k or "num_" in k)]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)  # head, predictor, normaliser untouched
+    with torch.no_grad():
+        model.backbone[1].weight.copy_(before["backbone.1.weight"])
+    out = model(*x, *p)  # the same model runs once the values are finite
+    assert torch.isfinite(out.loss)
