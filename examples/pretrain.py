@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common.backbones import build_backbone, resolve_backbone  # noqa: E402
+from common.backbones import build_backbone  # noqa: E402
 from common.datasets import DatasetError, pretrain_data, to_float  # noqa: E402
 from common.options import (  # noqa: E402
     HEADS,
@@ -51,21 +51,39 @@ from common.options import (  # noqa: E402
     RUNTIME_KEYS,
     CLIError,
     build_parser,
+    check_resume_flags,
+    given_options,
+    new_run_config,
     resolve_device,
     validate,
 )
-from common.runs import RunDir, RunError, capture_rng, restore_rng  # noqa: E402
+from common.runs import PLOT_FILES, RunDir, RunError, capture_rng, check_writable_dir, restore_rng  # noqa: E402
 from common.training import (  # noqa: E402
+    NonFiniteError,
     SSLModel,
+    all_finite,
     build_adapter,
     build_augment,
+    build_optimizer,
     evaluate,
     make_loader,
     original_view,
     progress,
 )
 
+import star_heads.distributed  # noqa: E402,F401  (before init_process_group: see its "Process-group teardown")
+
 __all__ = ["HEADS", "METHODS", "CLIError", "build_parser", "cli", "main", "train"]
+
+# Keys a run's config.json must hold, and their values for runs written before the option existed.
+CONFIG_KEYS = ("method", "head", "num_experts", "lam", "temperature", "epochs", "batch_size", "lr", "momentum",
+               "weight_decay", "seed", "dataset", "image_size", "num_train", "num_heldout", "backbone", "width",
+               "cifar_stem", "invariant_only")
+CONFIG_DEFAULTS = {"predictor": "star", "lr_rule": "fixed", "wd_policy": "no-bias-norm", "match_params": False, "hidden_dim": None,
+                   "check_finite": True, "world_size": 1, "steps_per_epoch": None, "amp": False, "compile": False,
+                   "data_dir": None, "download": False}
+CHECKPOINT_KEYS = ("epoch", "step", "backbone", "adapter", "optimizer", "scheduler", "rng")
+
 
 def _setup_distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -76,56 +94,103 @@ def _setup_distributed(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def _check_buildable(cfg: dict[str, Any]) -> None:
+    """Builds the backbone, adapter and augmentation of ``cfg`` once (and runs the backbone on two blank
+    images of the view size), so that a setting that cannot work fails before anything is written."""
+    backbone, feat_dim = build_backbone(cfg["backbone"], width=cfg["width"], cifar_stem=cfg["cifar_stem"])
+    try:
+        build_adapter(cfg, feat_dim)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--head {cfg['head']}: {exc}") from None
+    try:
+        build_augment(cfg, torch.device("cpu"))
+    except ValueError as exc:
+        raise CLIError(f"--image-size {cfg['image_size']}: {exc}") from None
+    with torch.no_grad():
+        try:
+            backbone.eval()(torch.zeros(2, 3, cfg["image_size"], cfg["image_size"]))
+        except RuntimeError as exc:
+            raise CLIError(f"--image-size {cfg['image_size']} is too small for --backbone {cfg['backbone']}: "
+                           f"{str(exc).splitlines()[0]}") from None
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Parses ``argv``, prepares (or reopens) the run directory and trains. Returns the run directory.
 
+    Every value is validated, and a resumed run's config and checkpoint are read and verified, before
+    anything is written.
+
     Raises:
         CLIError, RunError, DatasetError: bad input (nothing written).
+        NonFiniteError: a NaN/Inf batch, feature or loss stopped training (the checkpoint holds the last
+            finished epoch).
     """
     args = vars(build_parser().parse_args(argv))
-    if args["threads"] is not None:
-        if args["threads"] < 1:
-            raise CLIError(f"--threads must be >= 1, got {args['threads']}")
-        torch.set_num_threads(args["threads"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(args["device"], local_rank)
     if args["resume"] is not None:
         run = RunDir.open(args["resume"])
-        cfg = run.read_config()
+        cfg = {**CONFIG_DEFAULTS, **run.read_config(required=CONFIG_KEYS)}
+        cfg.setdefault("lr_effective", cfg["lr"])
+        check_resume_flags(given_options(argv), args, cfg)
         cfg.update({k: args[k] for k in RUNTIME_KEYS})
+        validate(cfg)
     else:
         if args["out"] is None:
             raise CLIError("--out RUN_DIR is required (or --resume RUN_DIR)")
-        cfg = {k: v for k, v in args.items() if k not in ("resume", "overwrite", "out")}
-        cfg["image_size"] = cfg["image_size"] or (96 if cfg["dataset"] == "stl10" else 32)
-        cfg["backbone"] = resolve_backbone(cfg["backbone"], cfg["dataset"])
-        cfg["invariant_only"] = cfg["invariant_only"] or cfg["head"] == "single"
-        validate(cfg)
+        cfg = new_run_config(args)
         if RunDir(args["out"]).holds_run() and not args["overwrite"]:
             RunDir.create(args["out"])  # raises the one-line refusal; nothing is touched
+        check_writable_dir(args["out"])
         run = None
+    device = resolve_device(args["device"], local_rank)
+    if cfg["threads"] is not None:
+        torch.set_num_threads(cfg["threads"])
     rank, world = _setup_distributed(device)
     try:
         if cfg["batch_size"] % world:
             raise CLIError(f"--batch-size {cfg['batch_size']} must be divisible by the {world} processes")
-        if run is None:
-            # Everything that can fail on user input is checked before the directory is touched.
-            data = pretrain_data(cfg["dataset"], image_size=cfg["image_size"], num_train=cfg["num_train"],
-                                 num_heldout=cfg["num_heldout"], seed=cfg["seed"], data_dir=cfg["data_dir"],
-                                 download=cfg["download"])
-            build_backbone(cfg["backbone"], width=cfg["width"], cifar_stem=cfg["cifar_stem"])
-            if rank == 0:
-                run = RunDir.create(args["out"], overwrite=args["overwrite"])
+        if run is not None:
+            if cfg["world_size"] != world:
+                raise CLIError(f"{run.path} was trained with {cfg['world_size']} process(es); resume it with the same "
+                               f"number (got {world}): each process restores its own augmentation generator")
+            return train(cfg, run, device, resume=True)
+        # Everything that can fail on user input is checked before the directory is touched.
+        data = pretrain_data(cfg["dataset"], image_size=cfg["image_size"], num_train=cfg["num_train"],
+                             num_heldout=cfg["num_heldout"], seed=cfg["seed"], data_dir=cfg["data_dir"],
+                             download=cfg["download"])
+        _check_buildable(cfg)
+        if rank == 0:
+            run = RunDir.create(args["out"], overwrite=args["overwrite"])
+            try:
                 run.write_config({**cfg, "world_size": world, "torch": torch.__version__})
-            else:
-                run = RunDir(args["out"])
-            if world > 1:
-                dist.barrier()
-            return train(cfg, run, device, data=data, resume=False)
-        return train(cfg, run, device, resume=True)
+            except OSError as exc:
+                run.discard()
+                raise RunError(f"cannot write {run.config_path}: {exc.strerror or exc}") from None
+        else:
+            run = RunDir(args["out"])
+        if world > 1:
+            dist.barrier()
+        return train({**cfg, "world_size": world}, run, device, data=data, resume=False)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _load_resume_state(run: RunDir, model: SSLModel, opt: torch.optim.Optimizer, sched: Any, rank: int,
+                       world: int) -> dict[str, Any]:
+    """Loads the verified checkpoint into the model, optimiser and scheduler (RunError when it does not fit)."""
+    ckpt = run.load_checkpoint(map_location="cpu", required=CHECKPOINT_KEYS)  # RNG states must stay CPU tensors
+    if not isinstance(ckpt["rng"], list) or len(ckpt["rng"]) != world:
+        got = len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else type(ckpt["rng"]).__name__
+        raise RunError(f"{run.checkpoint_path} holds the RNG states of {got} process(es), this run has {world}")
+    try:
+        model.backbone.load_state_dict(ckpt["backbone"])
+        model.adapter.load_state_dict(ckpt["adapter"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise RunError(f"{run.checkpoint_path} does not fit the run's config: {str(exc).splitlines()[0]}") from None
+    return ckpt
 
 
 def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any = None, resume: bool = False) -> Path:
@@ -140,25 +205,20 @@ def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any =
                              download=cfg["download"])
     backbone, feat_dim = build_backbone(cfg["backbone"], width=cfg["width"], cifar_stem=cfg["cifar_stem"])
     adapter = build_adapter(cfg, feat_dim, distributed=world > 1)
-    model = SSLModel(backbone, adapter, joint=not cfg["invariant_only"])
+    model = SSLModel(backbone, adapter, joint=not cfg["invariant_only"], check_finite=cfg["check_finite"])
     if world > 1 and device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only (CPU/gloo: per-process BN)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    from star_heads import param_groups
-
-    opt = torch.optim.SGD(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], momentum=cfg["momentum"])
+    opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
     aug = build_augment(cfg, device)
     gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] * 1000 + rank)
     start_epoch, step = 0, 0
     if resume:
-        ckpt = run.load_checkpoint(map_location="cpu")  # RNG states must stay CPU tensors
-        model.backbone.load_state_dict(ckpt["backbone"])
-        model.adapter.load_state_dict(ckpt["adapter"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        ckpt = _load_resume_state(run, model, opt, sched, rank, world)
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        restore_rng(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], gen)
+        restore_rng(ckpt["rng"][rank], gen)
+        del ckpt
         if rank == 0:
             run.truncate_metrics(start_epoch)
     fwd: nn.Module = model
@@ -173,10 +233,8 @@ def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any =
         raise CLIError(f"{len(data.train)} training images give no full batch of {cfg['batch_size']} ({world} processes)")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"])
     end_epoch = cfg["epochs"] if cfg["stop_after"] is None else min(cfg["epochs"], start_epoch + cfg["stop_after"])
-    if rank == 0 and start_epoch >= cfg["epochs"]:
-        print(f"{run.path}: already trained for {cfg['epochs']} epochs; nothing to do")
     cache: dict[str, Any] = {}  # evaluate() keeps its CCAMeter (and cached null baseline) here
-    if rank == 0 and len(data.heldout) < 4 * 128:
+    if rank == 0 and len(data.heldout) < 4 * 128 and start_epoch < end_epoch:
         print(f"note: CCA on {len(data.heldout)} held-out images is biased upward for 128-D embeddings; "
               "compare it with the printed null baseline", flush=True)
     row: dict[str, Any] = {}
@@ -193,10 +251,14 @@ def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any =
             x1, p1 = aug(x, generator=gen)
             x2, p2 = aug(x, generator=gen)
             x0 = original_view(aug, x)
+            where = f"epoch {epoch + 1}, step {step + 1}"
             with amp:
-                out = fwd(x0, x1, x2, p1, p2)
+                out = fwd(x0, x1, x2, p1, p2, where=where)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
+            if cfg["check_finite"] and not all_finite(out.loss):
+                raise NonFiniteError(f"non-finite loss at {where}; stopped before the optimiser step, so "
+                                     f"{run.checkpoint_path} still holds epoch {epoch} (try a lower --lr)")
             opt.step()
             step += 1
             for k, v in {"loss": out.loss, **{f"loss_{n}": t for n, t in out.losses.items()}}.items():
@@ -228,10 +290,16 @@ def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any =
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
             })
             print(_summary(row, cfg["epochs"]), flush=True)
-    if rank == 0 and end_epoch == cfg["epochs"] and start_epoch < end_epoch:
-        from common.plots import plot_run
+    if rank == 0 and end_epoch == cfg["epochs"]:
+        missing = [f for f in PLOT_FILES if not (run.path / f).exists()]
+        if start_epoch < end_epoch or missing:
+            from common.plots import plot_run
 
-        plot_run(run.path, run.read_metrics(), list(getattr(model.adapter.head, "tasks", ("inv", "eq"))))
+            plot_run(run.path, run.read_metrics(), list(getattr(model.adapter.head, "tasks", ("inv", "eq"))))
+        if start_epoch >= end_epoch:
+            redone = [f for f in missing if (run.path / f).exists()]
+            print(f"{run.path}: already trained for {cfg['epochs']} epochs; "
+                  + (f"re-created {', '.join(redone)}" if redone else "nothing to do"), flush=True)
     return run.path
 
 
@@ -264,6 +332,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (CLIError, RunError, DatasetError) as exc:
         print(f"pretrain.py: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"pretrain.py: error: {exc}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         if "torchvision" not in str(exc):
             raise

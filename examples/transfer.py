@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from common.backbones import build_backbone  # noqa: E402
 from common.datasets import DatasetError, transfer_tasks  # noqa: E402
 from common.options import OneLineParser  # noqa: E402
 from common.probe import linear_probe  # noqa: E402
-from common.runs import RunDir, RunError  # noqa: E402
+from common.runs import RunDir, RunError, atomic_write_text  # noqa: E402
 
 __all__ = ["build_parser", "cli", "comparison_table", "main", "run_transfer"]
 
@@ -85,19 +86,23 @@ def run_transfer(
         "kind", "n_train", "n_test"}}, "time_s"}`` where ``final`` holds the run's last-epoch
         CCA / kNN / gate metrics.
     """
-    if grid_points < 1:
-        raise RunError(f"--grid-points must be >= 1, got {grid_points}")
+    _validate(grid_points=grid_points, num_train=num_train, num_test=num_test, max_iter=max_iter)
     run = RunDir.open(run_dir)
-    cfg = run.read_config()
+    cfg = run.read_config(required=("dataset", "image_size", "seed", "backbone", "width", "cifar_stem"))
+    if write and not os.access(run.path, os.W_OK | os.X_OK):
+        raise RunError(f"{run.path} is not writable, so {RESULTS} could not be saved (pass write=False to only print)")
     device = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available() else
                           ("cpu" if str(device) == "auto" else device))
     task_data = transfer_tasks(cfg["dataset"], tasks=tasks, image_size=cfg["image_size"], num_train=num_train,
                                num_test=num_test, seed=cfg["seed"], data_dir=data_dir or cfg.get("data_dir"),
                                download=download)
     t0 = time.perf_counter()
-    ckpt = run.load_checkpoint(map_location="cpu")
+    ckpt = run.load_checkpoint(map_location="cpu", required=("backbone",))
     backbone, _ = build_backbone(cfg["backbone"], width=cfg["width"], cifar_stem=cfg["cifar_stem"])
-    backbone.load_state_dict(ckpt["backbone"])
+    try:
+        backbone.load_state_dict(ckpt["backbone"])
+    except RuntimeError as exc:
+        raise RunError(f"{run.checkpoint_path} does not fit the run's backbone: {str(exc).splitlines()[0]}") from None
     backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -119,8 +124,25 @@ def run_transfer(
     out = {"run": str(run.path), "config": cfg, "final": final, "grid": grid, "tasks": results,
            "time_s": time.perf_counter() - t0}
     if write:
-        (run.path / RESULTS).write_text(json.dumps(out, indent=2) + "\n")
+        save_results(run.path, out)
     return out
+
+
+def save_results(run_dir: str | Path, results: dict[str, Any]) -> None:
+    """Writes ``results.json`` atomically (RunError, one line, when that fails)."""
+    path = Path(run_dir) / RESULTS
+    try:
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    except OSError as exc:
+        raise RunError(f"cannot write {path}: {exc.strerror or exc} (the table above holds the results)") from None
+
+
+def _validate(*, grid_points: int, num_train: int, num_test: int, max_iter: int) -> None:
+    """One-line RunError for out-of-range probe options (before any run is opened)."""
+    for flag, value, low in (("--grid-points", grid_points, 1), ("--num-train", num_train, 10),
+                             ("--num-test", num_test, 1), ("--max-iter", max_iter, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise RunError(f"{flag} must be an int >= {low}, got {value!r}")
 
 
 def _label(res: dict[str, Any]) -> str:
@@ -155,18 +177,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     if len(args.runs) > 1 and not args.compare:
         raise RunError(f"got {len(args.runs)} run directories; pass --compare to print several runs side by side")
+    _validate(grid_points=args.grid_points, num_train=args.num_train, num_test=args.num_test, max_iter=args.max_iter)
     for r in args.runs:  # check every run before probing any
-        RunDir.open(r)
+        run = RunDir.open(r)
+        run.read_config()
+        reuse = args.compare and (run.path / RESULTS).exists() and not args.recompute
+        if not reuse and not os.access(run.path, os.W_OK | os.X_OK):
+            raise RunError(f"{run.path} is not writable, so {RESULTS} could not be saved")
     kw = dict(tasks=args.tasks, grid_points=args.grid_points, num_train=args.num_train, num_test=args.num_test,
               max_iter=args.max_iter, data_dir=args.data_dir, download=args.download, device=args.device)
-    results = []
+    results, fresh = [], []
     for r in args.runs:
         path = Path(r) / RESULTS
         if args.compare and path.exists() and not args.recompute:
-            results.append(json.loads(path.read_text()))
-        else:
-            results.append(run_transfer(r, **kw))
-    print(comparison_table(results))
+            try:
+                results.append(json.loads(path.read_text()))
+                continue
+            except json.JSONDecodeError:
+                print(f"note: {path} is damaged; probing {r} again", file=sys.stderr)
+        results.append(run_transfer(r, **kw, write=False))
+        fresh.append((r, results[-1]))
+    print(comparison_table(results), flush=True)  # printed first: a failed write below loses nothing
+    for r, res in fresh:
+        save_results(r, res)
     return results
 
 
@@ -175,6 +208,11 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except (RunError, DatasetError) as exc:
+        print(f"transfer.py: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "torchvision" not in str(exc):
+            raise
         print(f"transfer.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,18 @@ bug) drops the other ranks' contributions, so gradients through the gathered row
 ``1/W`` too small. ``tests/test_distributed.py`` shows such a naive gather failing the check.
 
 Every helper is a no-op (identity / 1 / 0) when torch.distributed is not initialised.
+
+Process-group teardown
+----------------------
+``torch.distributed.nn.functional`` binds ``group=group.WORLD`` as a default argument of its
+functions, so the default process group *at its first import* stays referenced for the life of the
+interpreter. ``DistributedDataParallel`` imports that module lazily, i.e. usually after
+``init_process_group``; ``destroy_process_group`` then cannot free the group, its gloo worker and
+socket threads keep running, and the group is torn down during interpreter finalisation, racing the
+peer ranks' exits (seen as ``terminate called without an active exception`` / SIGABRT of a worker).
+Importing this module imports ``torch.distributed.nn.functional`` first, while no group exists, so
+its defaults bind ``None`` and ``destroy_process_group`` really ends the group. Import star_heads
+(or this module) before ``init_process_group``.
 """
 
 from __future__ import annotations
@@ -30,6 +42,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["all_reduce_sum", "gather", "is_distributed", "rank", "world_size"]
+
+if dist.is_available() and not dist.is_initialized():  # see "Process-group teardown" above
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # pragma: no cover - builds without the module
+        pass
 
 
 def is_distributed() -> bool:

@@ -6,6 +6,7 @@ Kept apart from the training loop so that ``pretrain.py`` reads top to bottom as
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import torch
@@ -13,12 +14,19 @@ import torch
 from common.backbones import BACKBONES
 from common.datasets import DATASETS
 
-__all__ = ["HEADS", "METHODS", "RUNTIME_KEYS", "CLIError", "OneLineParser", "build_parser", "resolve_device", "validate"]
+__all__ = [
+    "HEADS", "LR_RULES", "METHODS", "RUNTIME_KEYS", "WD_POLICIES", "CLIError", "OneLineParser", "build_parser",
+    "check_resume_flags", "given_options", "new_run_config", "resolve_device", "validate",
+]
 
 METHODS = ("simclr", "vicreg", "equimod")
 HEADS = ("star", "separate", "shared", "single", "equimod")
+LR_RULES = ("fixed", "paper")
+WD_POLICIES = ("no-bias-norm", "all")
 # Options a resumed run may change (everything else comes from the run's config.json).
-RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads")
+RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads", "check_finite")
+# Options that are about this invocation, not the run.
+_CONTROL_KEYS = ("resume", "out", "overwrite")
 
 
 class CLIError(Exception):
@@ -64,9 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--batch-size", type=int, default=256, help="global batch (split across torchrun processes)")
-    g.add_argument("--lr", type=float, default=0.03, help="SGD learning rate (cosine decay per epoch, no warm-up)")
+    g.add_argument("--lr", type=float, default=0.03,
+                   help="SGD learning rate (cosine decay per epoch, no warm-up); see --lr-rule")
+    g.add_argument("--lr-rule", default="fixed", choices=LR_RULES,
+                   help="fixed = --lr as given (ours); paper = --lr × batch / 256, the STAR paper's linear scaling "
+                   "(0.03 × batch / 256 with the default --lr)")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="via star_heads.param_groups (no decay on biases / norms)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay; see --wd-policy")
+    g.add_argument("--wd-policy", default="no-bias-norm", choices=WD_POLICIES,
+                   help="no-bias-norm = no decay on biases and norm layers (star_heads.param_groups, ours); "
+                   "all = decay on every parameter (the STAR paper's reference runs)")
     g.add_argument("--steps-per-epoch", type=int, default=None, help="cap on optimiser steps per epoch (smoke tests)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data and backbone")
@@ -97,23 +112,93 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy or small CPU)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    g.add_argument("--no-check-finite", dest="check_finite", action="store_false",
+                   help="skip the per-step NaN/Inf checks of the batch, the backbone features and the loss "
+                   "(each check is one host-device sync)")
     return p
 
 
+def given_options(argv: list[str] | None) -> set[str]:
+    """The destinations of the options that ``argv`` sets explicitly (defaults excluded)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def new_run_config(args: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config of a new run from parsed options (validated first: nothing is resolved from a bad value)."""
+    validate(args)
+    from common.backbones import resolve_backbone
+
+    cfg = {k: v for k, v in args.items() if k not in _CONTROL_KEYS}
+    cfg["image_size"] = cfg["image_size"] or (96 if cfg["dataset"] == "stl10" else 32)
+    try:
+        cfg["backbone"] = resolve_backbone(cfg["backbone"], cfg["dataset"])
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    cfg["invariant_only"] = cfg["invariant_only"] or cfg["head"] == "single"
+    cfg["lr_effective"] = cfg["lr"] * cfg["batch_size"] / 256 if cfg["lr_rule"] == "paper" else cfg["lr"]
+    return cfg
+
+
+def check_resume_flags(given: set[str], args: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Refuses options given with ``--resume`` that contradict the run's config.
+
+    Runtime options (:data:`RUNTIME_KEYS`) may change; any other option must equal the run's value
+    (after the same resolution a new run gets, e.g. ``--backbone auto``).
+    """
+    for key in ("out", "overwrite"):
+        if key in given:
+            raise CLIError(f"--{key} cannot be combined with --resume (the run directory is RUN_DIR)")
+    fixed = sorted(given - set(RUNTIME_KEYS) - set(_CONTROL_KEYS))
+    if not fixed:
+        return
+    resolved = new_run_config({**args, "out": None, "resume": None, "overwrite": False})
+    parser_defaults = vars(build_parser().parse_args([]))
+    for key in fixed:
+        want = resolved.get(key)
+        have = cfg.get(key, parser_defaults.get(key))
+        if want != have:
+            flag = "--" + key.replace("_", "-")
+            allowed = ", ".join("--" + k.replace("_", "-") for k in RUNTIME_KEYS)
+            raise CLIError(
+                f"{flag} {args[key]} contradicts the run being resumed ({key}={have!r}); a resumed run keeps its "
+                f"config and only {allowed} may change (start a new run for other settings)"
+            )
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def validate(cfg: dict[str, Any]) -> None:
-    """Raises :class:`CLIError` (one line) for out-of-range options of a new run."""
+    """Raises :class:`CLIError` (one line naming the option) for any out-of-range value.
+
+    Integers: ``--epochs``, ``--batch-size``, ``--num-experts``, ``--num-train``, ``--num-heldout``
+    (>= 130), ``--width``, ``--steps-per-epoch``, ``--stop-after``, ``--threads`` >= 1, ``--image-size`` >= 8,
+    ``--workers`` >= 0. Floats, all finite: ``--lr`` and ``--temperature`` > 0, ``--lam`` and
+    ``--weight-decay`` >= 0, ``--momentum`` in [0, 1).
+    """
     for key in ("epochs", "batch_size", "num_experts", "num_train", "num_heldout", "width"):
         if cfg[key] < 1:
-            raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+            raise CLIError(f"{_flag(key)} must be >= 1, got {cfg[key]}")
     if cfg.get("match_params") and cfg["head"] in ("star", "equimod"):
         raise CLIError(f"--match-params sizes a baseline head to STAR; it does not apply to --head {cfg['head']}")
-    for key in ("steps_per_epoch", "stop_after", "image_size", "threads", "hidden_dim"):
+    for key in ("steps_per_epoch", "stop_after", "threads", "hidden_dim"):
         if cfg.get(key) is not None and cfg[key] < 1:
-            raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+            raise CLIError(f"{_flag(key)} must be >= 1, got {cfg[key]}")
+    if cfg.get("image_size") is not None and cfg["image_size"] < 8:
+        raise CLIError(f"--image-size must be >= 8 pixels, got {cfg['image_size']}")
     if cfg["num_heldout"] < 130:
         raise CLIError(f"--num-heldout must be >= 130 (CCA of two 128-D embeddings needs n - 1 > 128), got {cfg['num_heldout']}")
-    if cfg["lr"] <= 0 or cfg["temperature"] <= 0:
-        raise CLIError(f"--lr and --temperature must be > 0, got {cfg['lr']} and {cfg['temperature']}")
+    for key, low, inclusive in (("lr", 0.0, False), ("temperature", 0.0, False), ("lam", 0.0, True),
+                                ("weight_decay", 0.0, True), ("momentum", 0.0, True)):
+        v = cfg[key]
+        if not math.isfinite(v) or v < low or (v == low and not inclusive):
+            raise CLIError(f"{_flag(key)} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {v}")
+    if cfg["momentum"] >= 1:
+        raise CLIError(f"--momentum must be < 1, got {cfg['momentum']}")
     if cfg["workers"] < 0:
         raise CLIError(f"--workers must be >= 0, got {cfg['workers']}")
 

@@ -1,7 +1,12 @@
-"""PNG plots of a run (matplotlib, imported lazily): CCA over epochs, gate heatmap, loss curves."""
+"""PNG plots of a run (matplotlib, imported lazily): CCA over epochs, gate heatmap, loss curves.
+
+Each PNG is written atomically (a temporary file, then ``os.replace``): an interrupted run leaves a
+whole plot or none, and ``pretrain.py --resume`` re-creates the missing ones of a finished run.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,19 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _plt()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def plot_cca(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
@@ -35,9 +53,7 @@ def plot_cca(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_gates(gate_mean: list[list[float]], tasks: list[str], path: str | Path) -> Path | None:
@@ -58,9 +74,7 @@ def plot_gates(gate_mean: list[list[float]], tasks: list[str], path: str | Path)
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < g.max() / 2 else "k", fontsize=7)
     fig.colorbar(im, ax=ax, label="mean gate")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_losses(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
@@ -76,9 +90,7 @@ def plot_losses(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
     ax.set_ylabel("training loss (epoch mean)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_run(run_dir: str | Path, rows: list[dict[str, Any]], tasks: list[str]) -> list[Path]:

@@ -1,35 +1,94 @@
-"""Run directories: config.json, metrics.jsonl, an atomically written checkpoint, resume.
+"""Run directories: atomic artefacts, a checksummed checkpoint, tolerant metrics, resume.
 
 Layout of a run directory::
 
-    config.json      the resolved options of the run (written once)
-    metrics.jsonl    one JSON object per finished epoch
-    checkpoint.pt    the last finished epoch: backbone, adapter (head, predictor, normaliser),
-                     optimiser, scheduler, RNG states (torch, CUDA, numpy, python, augmentation
-                     generator), epoch and step
-    *.png            plots written at the end
-    results.json     written by transfer.py
+    config.json            the resolved options of the run (written once)
+    metrics.jsonl          one JSON object per finished epoch
+    checkpoint.pt          the last finished epoch: backbone, adapter (head, predictor, normaliser),
+                           optimiser, scheduler, RNG states (torch, CUDA, numpy, python, augmentation
+                           generator of every rank), epoch and step
+    checkpoint.pt.sha256   its SHA-256 (``sha256sum -c`` format), checked before every load
+    *.png                  plots written at the end
+    results.json           written by transfer.py
+
+Every file is written atomically (a temporary file in the same directory, flushed, then
+``os.replace``): an interrupted write leaves the previous version or nothing, never half a file.
+``checkpoint.pt`` stays a plain ``torch.save`` file; its digest lives beside it. The digest file
+is updated in three steps (accept old + new digest, replace the checkpoint, accept only the new
+one), so a crash at any point leaves a checkpoint that verifies.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["RUN_FILES", "RunDir", "RunError", "capture_rng", "restore_rng"]
+__all__ = [
+    "PLOT_FILES", "RUN_FILES", "RunDir", "RunError", "atomic_write_bytes", "atomic_write_text", "capture_rng",
+    "check_writable_dir", "restore_rng",
+]
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json", "cca.png", "gates.png", "losses.png")
+PLOT_FILES = ("cca.png", "gates.png", "losses.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.sha256", "results.json", *PLOT_FILES)
 
 
 class RunError(Exception):
     """A problem with a run directory, reported to the user as one line."""
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a flushed temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> None:
+    """Raises :class:`RunError` unless ``path`` is (or can be created as) a writable directory.
+
+    Nothing is created: the nearest existing ancestor must be a writable directory.
+    """
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise RunError(f"{what} {p} exists and is not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise RunError(f"{what} {p} is not writable")
+        return
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunError(f"{what} {p} cannot be created: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"{what} {p} cannot be created: {parent} is not writable")
 
 
 class RunDir:
@@ -37,24 +96,25 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._created: Path | None = None  # top directory made by create(), removed by discard()
 
     config_path = property(lambda self: self.path / "config.json")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
+    digest_path = property(lambda self: self.path / "checkpoint.pt.sha256")
 
     def holds_run(self) -> bool:
         """True when the directory already holds any file of a run."""
         return any((self.path / f).exists() for f in RUN_FILES)
 
     @classmethod
-    def create(cls, path: str | os.PathLike, *, overwrite: bool = False) -> "RunDir":
+    def create(cls, path: str | os.PathLike, *, overwrite: bool = False) -> RunDir:
         """Prepares a fresh run directory; refuses one that holds another run unless ``overwrite``.
 
         With ``overwrite`` only the run's own files (``RUN_FILES``) are removed.
         """
         run = cls(path)
-        if run.path.exists() and not run.path.is_dir():
-            raise RunError(f"--out {run.path} exists and is not a directory")
+        check_writable_dir(run.path)
         if run.holds_run():
             if not overwrite:
                 raise RunError(
@@ -63,11 +123,25 @@ class RunDir:
                 )
             for f in RUN_FILES:
                 (run.path / f).unlink(missing_ok=True)
-        run.path.mkdir(parents=True, exist_ok=True)
+        if not run.path.exists():
+            top = run.path.absolute()
+            while not top.parent.exists():
+                top = top.parent
+            try:
+                run.path.mkdir(parents=True)
+            except OSError as exc:
+                raise RunError(f"--out {run.path} cannot be created: {exc.strerror or exc}") from None
+            run._created = top
         return run
 
+    def discard(self) -> None:
+        """Removes what :meth:`create` made (for a run that failed before its first epoch)."""
+        if self._created is not None:
+            shutil.rmtree(self._created, ignore_errors=True)
+            self._created = None
+
     @classmethod
-    def open(cls, path: str | os.PathLike, *, need_checkpoint: bool = True) -> "RunDir":
+    def open(cls, path: str | os.PathLike, *, need_checkpoint: bool = True) -> RunDir:
         """Opens an existing run directory (for --resume or transfer)."""
         run = cls(path)
         if not run.path.is_dir():
@@ -78,39 +152,113 @@ class RunDir:
             raise RunError(f"{run.path} has no checkpoint.pt (the run finished no epoch yet)")
         return run
 
+    # ------------------------------------------------------------------ config
     def write_config(self, config: dict[str, Any]) -> None:
-        self.config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    def read_config(self) -> dict[str, Any]:
-        return json.loads(self.config_path.read_text())
+    def read_config(self, required: Iterable[str] = ()) -> dict[str, Any]:
+        """The run's config; :class:`RunError` when it is missing, empty, not a JSON object or lacks ``required`` keys."""
+        try:
+            text = self.config_path.read_text()
+        except FileNotFoundError:
+            raise RunError(f"{self.path} is not a run directory (no config.json)") from None
+        if not text.strip():
+            raise RunError(f"{self.config_path} is empty; the run cannot be read (start again with --overwrite)")
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RunError(f"{self.config_path} is not valid JSON ({exc}); the run cannot be read") from None
+        if not isinstance(cfg, dict):
+            raise RunError(f"{self.config_path} must hold a JSON object, got {type(cfg).__name__}")
+        missing = sorted(set(required) - set(cfg))
+        if missing:
+            raise RunError(f"{self.config_path} lacks the keys {missing}; it was not written by this pretrain.py")
+        return cfg
 
-    def append_metrics(self, row: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
+    # ------------------------------------------------------------------ metrics
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The metric rows. A partial last line (a write cut short) is dropped with a warning; a damaged
+        line before it raises :class:`RunError`."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = self.metrics_path.read_text().splitlines()
+        rows: list[dict[str, Any]] = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                if i == len(lines) - 1:
+                    warnings.warn(f"{self.metrics_path}: dropped a partial last line ({exc})", stacklevel=2)
+                    break
+                raise RunError(f"{self.metrics_path} line {i + 1} is damaged ({exc})") from None
+            rows.append(row)
+        return rows
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Adds one row (the file is rewritten atomically, so a partial line never stays)."""
+        self.write_metrics([*self.read_metrics(), row])
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Drops metric rows after ``last_epoch`` (written by an interrupted epoch before its checkpoint)."""
-        rows = [r for r in self.read_metrics() if r.get("epoch", -1) <= last_epoch]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.write_metrics([r for r in self.read_metrics() if r.get("epoch", -1) <= last_epoch])
+
+    # ------------------------------------------------------------------ checkpoint
+    def _accepted_digests(self) -> list[str]:
+        if not self.digest_path.exists():
+            return []
+        return [line.split()[0] for line in self.digest_path.read_text().splitlines() if line.strip()]
+
+    def _write_digests(self, digests: list[str]) -> None:
+        atomic_write_text(self.digest_path, "".join(f"{d}  checkpoint.pt\n" for d in digests))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Writes ``checkpoint.pt`` atomically (temporary file, then rename)."""
-        tmp = self.checkpoint_path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        """Writes ``checkpoint.pt`` atomically and records its SHA-256 in ``checkpoint.pt.sha256``."""
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        old = self._accepted_digests()[:1] if self.checkpoint_path.exists() else []
+        self._write_digests([digest, *old])  # both accepted while the checkpoint is replaced
+        atomic_write_bytes(self.checkpoint_path, data)
+        self._write_digests([digest])
 
-    def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    def load_checkpoint(self, map_location: str | torch.device = "cpu", required: Iterable[str] = ()) -> dict[str, Any]:
+        """Verifies ``checkpoint.pt`` against its SHA-256 and loads it.
+
+        Raises:
+            RunError: No checkpoint, no digest file, a digest mismatch (damaged file), an unreadable
+                file, or missing ``required`` keys.
+        """
         try:
-            return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
+            data = self.checkpoint_path.read_bytes()
         except FileNotFoundError:
             raise RunError(f"{self.path} has no checkpoint.pt") from None
-        except Exception as exc:  # corrupt or foreign file
+        accepted = self._accepted_digests()
+        if not accepted:
+            raise RunError(f"{self.checkpoint_path} has no checksum file {self.digest_path.name}, so it cannot be "
+                           "verified; refusing to load it (a run written before checksums: if you trust the file, "
+                           f"run `sha256sum checkpoint.pt > {self.digest_path.name}` in {self.path})")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest not in accepted:
+            raise RunError(f"{self.checkpoint_path} is damaged: its SHA-256 {digest[:16]}… does not match "
+                           f"{self.digest_path.name} ({accepted[0][:16]}…); refusing to load it")
+        try:
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        except Exception as exc:  # a foreign file that happens to carry a matching digest
             raise RunError(f"cannot read {self.checkpoint_path}: {type(exc).__name__}: {exc}") from None
+        if not isinstance(state, dict):
+            raise RunError(f"{self.checkpoint_path} must hold a dict, got {type(state).__name__}")
+        missing = sorted(set(required) - set(state))
+        if missing:
+            raise RunError(f"{self.checkpoint_path} lacks the keys {missing}")
+        return state
 
     def copy_to(self, dest: str | os.PathLike) -> None:
         shutil.copytree(self.path, dest, dirs_exist_ok=False)

@@ -1,8 +1,10 @@
 """Pieces of the pretraining loop shared by pretrain.py, transfer.py and benchmarks/quality.py.
 
 * :class:`SSLModel` — backbone + adapter in one module (what DDP wraps): three backbone calls
-  (x0, x1, x2) for the joint objective, two for the invariant-only one.
-* :func:`build_adapter`, :func:`build_augment` — the library objects a run config asks for.
+  (x0, x1, x2) for the joint objective, two for the invariant-only one; optional NaN/Inf checks
+  of the views and of the backbone features before they reach any BatchNorm.
+* :func:`build_adapter`, :func:`build_augment`, :func:`build_optimizer` — the library objects a run
+  config asks for.
 * :func:`make_loader` — batches of in-memory images through a (Distributed)Sampler reseeded per epoch.
 * :func:`evaluate` — per-epoch held-out metrics: CCA(inv, eq) with its null baseline, gate usage,
   kNN accuracy of backbone features.
@@ -14,6 +16,7 @@ import contextlib
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
@@ -21,25 +24,59 @@ from common.datasets import PretrainData, to_float
 from common.knn import knn_accuracy
 
 __all__ = [
-    "SSLModel", "build_adapter", "build_augment", "build_head_module", "evaluate", "extract_features", "make_loader",
-    "original_view", "progress",
+    "NonFiniteError", "SSLModel", "all_finite", "build_adapter", "build_augment", "build_head_module", "build_optimizer",
+    "evaluate", "extract_features", "make_loader", "original_view", "progress",
 ]
 
 
-class SSLModel(nn.Module):
-    """Backbone and adapter; ``forward`` returns the adapter's output (``.loss``, ``.losses``, ...)."""
+class NonFiniteError(RuntimeError):
+    """Training met a NaN/Inf (input, features or loss) and stopped before it reached any saved state."""
 
-    def __init__(self, backbone: nn.Module, adapter: nn.Module, *, joint: bool = True) -> None:
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True when every value of every tensor is finite, on every rank (one host sync; one all-reduce when
+    distributed, so that all ranks stop together instead of waiting on each other)."""
+    ok = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = ok.to(torch.int32).reshape(1)
+        flag = flag.cuda() if dist.get_backend() == "nccl" else flag.cpu()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return bool(ok)
+
+
+class SSLModel(nn.Module):
+    """Backbone and adapter; ``forward`` returns the adapter's output (``.loss``, ``.losses``, ...).
+
+    With ``check_finite`` the views are checked before the backbone and the features before the
+    adapter (so before the BatchNorm layers of the backbone, the head and the predictor, and before
+    the parameter normaliser update their running statistics); a NaN/Inf raises :class:`NonFiniteError`
+    on every rank. Each check is one host-device synchronisation.
+    """
+
+    def __init__(self, backbone: nn.Module, adapter: nn.Module, *, joint: bool = True, check_finite: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.adapter = adapter
         self.joint = joint
+        self.check_finite = check_finite
 
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> Any:
+    def _require_finite(self, what: str, where: str, *tensors: torch.Tensor) -> None:
+        if self.check_finite and not all_finite(*tensors):
+            raise NonFiniteError(f"NaN/Inf in the {what} at {where or 'this step'}; stopped before it reached the "
+                                 "BatchNorm statistics (nothing of this epoch was saved)")
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+                where: str = "") -> Any:
+        views = (x1, x2, x0, p1, p2) if self.joint else (x1, x2)
+        self._require_finite("augmented views or their parameters", where, *views)
         h1, h2 = self.backbone(x1), self.backbone(x2)
         if not self.joint:
+            self._require_finite("backbone features", where, h1, h2)
             return self.adapter(h1, h2)
-        return self.adapter(h1, h2, h0=self.backbone(x0), params1=p1, params2=p2)
+        h0 = self.backbone(x0)
+        self._require_finite("backbone features", where, h1, h2, h0)
+        return self.adapter(h1, h2, h0=h0, params1=p1, params2=p2)
 
 
 def build_adapter(cfg: dict[str, Any], feat_dim: int, *, distributed: bool = False) -> nn.Module:
@@ -56,6 +93,18 @@ def build_adapter(cfg: dict[str, Any], feat_dim: int, *, distributed: bool = Fal
     if cfg["method"] != "vicreg":
         kwargs.update(temperature=cfg["temperature"], eq_temperature=cfg["temperature"])
     return cls[cfg["method"]](feat_dim, **kwargs)
+
+
+def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD with the run's learning rate (``lr_effective``: ``--lr``, or ``--lr × batch / 256`` with
+    ``--lr-rule paper``) and weight-decay policy (``no-bias-norm``: :func:`star_heads.param_groups`, no
+    decay on biases and norm layers; ``all``: decay on every parameter, as the STAR paper's runs)."""
+    from star_heads import param_groups
+
+    lr = cfg.get("lr_effective", cfg["lr"])
+    if cfg.get("wd_policy", "no-bias-norm") == "all":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(param_groups(model, cfg["weight_decay"]), lr=lr, momentum=cfg["momentum"])
 
 
 def build_head_module(cfg: dict[str, Any], feat_dim: int) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from star_heads._checks import check_float_tensor
+from star_heads._checks import check_float_tensor, check_int
 from star_heads.augment._ops import apply_augment, crop_resize, require_kornia
 from star_heads.augment._params import (
     PARAM_DIM,
@@ -60,11 +60,13 @@ class STARAugment(nn.Module):
     def extra_repr(self) -> str:
         return f"output_size={self.config.size}, crop_units={self.crop_units!r}"
 
-    def _check(self, images: object) -> torch.Tensor:
+    def _check(self, images: object, *, rgb: bool = True) -> torch.Tensor:
         x = check_float_tensor(images, "images", ndim=4)
         if x.shape[0] == 0:
             raise ValueError("images must hold at least one image, got batch size 0")
-        if self.config.needs_rgb and x.shape[1] != 3:
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"images must be at least 1x1 pixels, got shape {tuple(x.shape)}")
+        if rgb and self.config.needs_rgb and x.shape[1] != 3:
             raise ValueError(
                 f"images must have 3 (RGB) channels for colour jitter/grayscale, got {x.shape[1]} "
                 "(replicate channels, or pass saturation=0, hue=0, grayscale_p=0)"
@@ -72,7 +74,7 @@ class STARAugment(nn.Module):
         if self.config.check_range:
             lo, hi = torch.aminmax(x.detach())
             lo, hi = float(lo), float(hi)
-            if not (lo >= 0.0 and hi <= 1.0):
+            if not (lo >= 0.0 and hi <= 1.0):  # NaN fails both comparisons, so NaN images are refused too
                 raise ValueError(f"images must lie in [0, 1] (before normalisation), got range [{lo:.4g}, {hi:.4g}]")
         return x
 
@@ -84,6 +86,8 @@ class STARAugment(nn.Module):
 
     def apply(self, images: torch.Tensor, sample: AugmentSample) -> torch.Tensor:
         """Applies a previously drawn :class:`AugmentSample` to ``images``; returns the views."""
+        if not isinstance(sample, AugmentSample):
+            raise TypeError(f"sample must be an AugmentSample (from .sample()), got {type(sample).__name__}")
         x = self._check(images)
         if sample.crop.shape[0] != x.shape[0] or sample.image_size != tuple(x.shape[-2:]):
             raise ValueError(
@@ -116,15 +120,20 @@ class STARAugment(nn.Module):
         return views, s.vector(self.crop_units).to(x.device)
 
     def original(self, images: torch.Tensor) -> torch.Tensor:
-        """The un-augmented view x0: the whole image resized to the output size, ``[B, C, h, w]``."""
-        x = check_float_tensor(images, "images", ndim=4)
+        """The un-augmented view x0: the whole image resized to the output size, ``[B, C, h, w]``.
+
+        Validated like :meth:`forward` (shape, dtype, at least one image, the [0, 1] range when
+        ``check_range``), except that any channel count is accepted.
+        """
+        x = self._check(images, rgb=False)
         B, _, H, W = x.shape
         crop = torch.tensor([[0, 0, H, W]], dtype=torch.long).expand(B, 4)
         return crop_resize(x, crop, torch.zeros(B, dtype=torch.bool), self.config.size, self.config.antialias)
 
     def identity_params(self, batch: int, image_size: tuple[int, int], device=None) -> torch.Tensor:
         """The ``[batch, 11]`` parameter vector of :meth:`original` (full crop, no flip, neutral jitter)."""
-        H, W = _pair(tuple(image_size), "image_size")
+        check_int(batch, "batch", minimum=0)
+        H, W = _pair(tuple(image_size) if isinstance(image_size, (tuple, list)) else image_size, "image_size")
         box = [0.0, 0.0, 1.0, 1.0] if self.crop_units == "normalized" else [0.0, 0.0, float(H), float(W)]
         row = torch.tensor(box + [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], device=device)
         return row.expand(batch, PARAM_DIM).clone()

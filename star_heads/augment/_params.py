@@ -14,9 +14,12 @@ Everything is drawn from one ``torch.Generator`` so that a seed fixes views and 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
+
+from star_heads._checks import check_bool, check_float, check_int, check_probability
 
 __all__ = [
     "PARAM_NAMES",
@@ -49,15 +52,26 @@ _IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
+    """``(h, w)`` from an int or a pair of ints, each >= 1 (ValueError naming ``name`` otherwise)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (value, value)
     if (
         not isinstance(value, (tuple, list))
         or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value)
     ):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints (height, width), got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def _range(value: object, name: str) -> tuple[float, float]:
+    """A ``(low, high)`` pair of finite numbers with ``0 < low <= high``, named in every error."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (low, high) of numbers, got {type(value).__name__} {value!r}")
+    lo, hi = (check_float(v, f"{name}[{i}]") for i, v in enumerate(value))
+    if not (lo > 0 and hi >= lo):
+        raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(lo, hi)!r}")
+    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -97,21 +111,18 @@ class AugmentConfig:
     check_range: bool = True
 
     def __post_init__(self) -> None:
+        """Validates every field (TypeError for a wrong type, ValueError for a wrong value; NaN/inf refused)."""
         _pair(self.output_size, "output_size")
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
-            p = getattr(self, name)
-            if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+            check_probability(getattr(self, name), name)
         for name in ("brightness", "contrast", "saturation", "hue"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+            check_float(getattr(self, name), name, minimum=0.0)
         if self.hue > 0.5:
             raise ValueError(f"hue must be in [0, 0.5] (fraction of a turn), got {self.hue}")
-        for name, low_ok in (("scale", 0.0), ("ratio", 0.0), ("blur_sigma", 0.0)):
-            lo, hi = getattr(self, name)
-            if not (lo > low_ok and hi >= lo):
-                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(lo, hi)!r}")
+        for name in ("scale", "ratio", "blur_sigma"):
+            _range(getattr(self, name), name)
+        for name in ("antialias", "check_range"):
+            check_bool(getattr(self, name), name)
         if self.scale[1] > 1.0:
             raise ValueError(f"scale must lie in (0, 1], got {self.scale!r}")
         k = self.blur_kernel_size
@@ -211,7 +222,10 @@ def sample_augment(
     Returns:
         An :class:`AugmentSample` on the generator's device (CPU when None).
     """
-    H, W = image_size
+    if not isinstance(config, AugmentConfig):
+        raise TypeError(f"config must be an AugmentConfig, got {type(config).__name__}")
+    check_int(batch, "batch", minimum=1)
+    H, W = _pair(tuple(image_size) if isinstance(image_size, list) else image_size, "image_size")
     dev = generator.device if generator is not None else torch.device("cpu")
     g, B = generator, batch
     # RandomResizedCrop.get_params: 10 attempts, first valid one wins, else centre crop.

@@ -8,12 +8,17 @@ while training, fitted once, or set from published constants.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from star_heads import distributed as _dist
-from star_heads._checks import check_float_tensor, check_positive_int
+from star_heads._checks import check_bool, check_choice, check_float_tensor, check_positive_int
+
+CropUnits = Literal["normalized", "pixels"]
+#: Side of the STL10 images the published crop constants are measured in (pixels).
+STL10_IMAGE_SIZE = 96
 
 __all__ = ["STL10_PARAM_MEAN", "STL10_PARAM_STD", "AugParamNormalizer"]
 
@@ -63,6 +68,13 @@ class AugParamNormalizer(nn.Module):
         check_finite: Refuse NaN/Inf parameters before updating the statistics. This is the one
             host-device synchronisation of a training step; ``False`` removes it (and lets a
             non-finite batch poison the statistics).
+        crop_units: The units of the crop box (dimensions 0-3 of the 11-D STAR vector) that the
+            statistics are measured in: ``"normalized"`` (fractions of the source image, the default
+            of :class:`~star_heads.augment.STARAugment`) or ``"pixels"``; None (default) when the
+            statistics are fitted or tracked from the data itself. When set, every call checks that
+            the crop sizes (dimensions 2-3) are in those units — all ``<= 1`` for normalised boxes,
+            some ``> 1`` for pixel boxes — and raises ValueError otherwise, instead of silently
+            standardising pixels with fraction statistics or the reverse (one host-device sync).
     """
 
     running_mean: Tensor
@@ -78,18 +90,24 @@ class AugParamNormalizer(nn.Module):
         track_running_stats: bool = True,
         sync_distributed: bool = True,
         check_finite: bool = True,
+        crop_units: CropUnits | None = None,
     ) -> None:
         super().__init__()
         self.dim = check_positive_int(dim, "dim")
+        if crop_units is not None:
+            check_choice(crop_units, "crop_units", CropUnits)
+            if dim < 4:
+                raise ValueError(f"crop_units needs a parameter vector with a crop box (dim >= 4), got dim {dim}")
+        self.crop_units: CropUnits | None = crop_units
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
             raise ValueError(f"momentum must be None or in (0, 1], got {momentum!r}")
         if not (isinstance(eps, (int, float)) and eps >= 0):
             raise ValueError(f"eps must be a float >= 0, got {eps!r}")
         self.momentum = None if momentum is None else float(momentum)
         self.eps = float(eps)
-        self.track_running_stats = bool(track_running_stats)
-        self.sync_distributed = bool(sync_distributed)
-        self.check_finite = bool(check_finite)
+        self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
+        self.sync_distributed = check_bool(sync_distributed, "sync_distributed")
+        self.check_finite = check_bool(check_finite, "check_finite")
         self.register_buffer("running_mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("running_var", torch.ones(dim, dtype=torch.float64))
         self.register_buffer("num_samples", torch.zeros((), dtype=torch.int64))
@@ -103,7 +121,8 @@ class AugParamNormalizer(nn.Module):
 
         Frozen by default. With ``track_running_stats=True`` the constants only serve until the
         first training batch, whose statistics replace them (cumulative and EMA modes alike,
-        because ``num_samples`` starts at 0).
+        because ``num_samples`` starts at 0). Pass ``crop_units`` to have every call check that the
+        crop box comes in the units of the constants.
         """
         mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
         std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
@@ -117,9 +136,21 @@ class AugParamNormalizer(nn.Module):
         return norm
 
     @classmethod
-    def stl10(cls, **kwargs) -> AugParamNormalizer:
-        """The published STL10 constants (11-D, crop box in pixels of 96x96 images), frozen by default."""
-        return cls.from_constants(STL10_PARAM_MEAN, STL10_PARAM_STD, **kwargs)
+    def stl10(cls, crop_units: CropUnits = "pixels", **kwargs) -> AugParamNormalizer:
+        """The published STL10 constants (11-D), frozen by default.
+
+        The paper's constants measure the crop box in pixels of 96x96 images (``crop_units="pixels"``,
+        for ``STARAugment(..., crop_units="pixels")`` on 96-pixel sources). ``crop_units="normalized"``
+        converts them (crop mean and std divided by 96) for the normalised boxes that
+        :class:`~star_heads.augment.STARAugment` returns by default. Either way the crop units of every
+        input are checked (see ``crop_units`` in the class docstring), so a mismatch is an error.
+        """
+        check_choice(crop_units, "crop_units", CropUnits)
+        mean, std = list(STL10_PARAM_MEAN), list(STL10_PARAM_STD)
+        if crop_units == "normalized":
+            mean[:4] = [v / STL10_IMAGE_SIZE for v in mean[:4]]
+            std[:4] = [v / STL10_IMAGE_SIZE for v in std[:4]]
+        return cls.from_constants(mean, std, crop_units=crop_units, **kwargs)
 
     # ------------------------------------------------------------------ statistics
     @property
@@ -133,7 +164,22 @@ class AugParamNormalizer(nn.Module):
         return self.running_var.double().clamp_min(0).sqrt()
 
     def _check(self, params: object) -> Tensor:
-        return check_float_tensor(params, "params", sizes=[None, self.dim])
+        params = check_float_tensor(params, "params", sizes=[None, self.dim])
+        if self.crop_units is not None and params.shape[0] > 0:
+            size = float(params[:, 2:4].detach().abs().amax())
+            if self.crop_units == "normalized" and not size <= 1.0 + 1e-6:
+                raise ValueError(
+                    f"params crop box looks like pixels (largest crop size {size:.4g} > 1) but this normaliser's "
+                    "statistics are for normalised boxes (fractions of the image); pass STARAugment(crop_units="
+                    "'normalized') parameters, or build the normaliser with crop_units='pixels'"
+                )
+            if self.crop_units == "pixels" and not size > 1.0:
+                raise ValueError(
+                    f"params crop box looks normalised (largest crop size {size:.4g} <= 1) but this normaliser's "
+                    "statistics are in pixels (the STL10 constants: pixels of 96x96 images); use "
+                    "AugParamNormalizer.stl10(crop_units='normalized') or STARAugment(..., crop_units='pixels')"
+                )
+        return params
 
     @torch.no_grad()
     def _batch_stats(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -205,7 +251,8 @@ class AugParamNormalizer(nn.Module):
         return out.to(params.dtype)
 
     def extra_repr(self) -> str:
+        units = "" if self.crop_units is None else f", crop_units={self.crop_units!r}"
         return (
-            f"{self.dim}, momentum={self.momentum}, eps={self.eps}, "
+            f"{self.dim}{units}, momentum={self.momentum}, eps={self.eps}, "
             f"track_running_stats={self.track_running_stats}, num_samples={int(self.num_samples.item())}"
         )

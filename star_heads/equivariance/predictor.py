@@ -12,7 +12,7 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from star_heads._checks import check_float_tensor, check_positive_int
+from star_heads._checks import check_bool, check_float_tensor, check_positive_int
 
 __all__ = ["EquivariantPredictor"]
 
@@ -66,6 +66,9 @@ class EquivariantPredictor(nn.Module):
         hidden_dim: Hidden width H of φ (``"star"`` only).
         norm_layer: Normalisation class, called as ``norm_layer(width)``.
         act_layer: Activation class, called as ``act_layer()``.
+        check_finite: Check ``z0`` and ``params`` for NaN/Inf before they reach a layer (so before the
+            BatchNorm running statistics); ValueError when found. One host-device sync per call, so
+            off by default.
     """
 
     def __init__(
@@ -77,8 +80,10 @@ class EquivariantPredictor(nn.Module):
         hidden_dim: int = 512,
         norm_layer: type[nn.Module] = nn.BatchNorm1d,
         act_layer: type[nn.Module] = nn.ReLU,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
+        self.check_finite = check_bool(check_finite, "check_finite")
         self.embed_dim = check_positive_int(embed_dim, "embed_dim")
         self.param_dim = check_positive_int(param_dim, "param_dim")
         self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
@@ -111,6 +116,10 @@ class EquivariantPredictor(nn.Module):
             raise ValueError(
                 f"params must have one row per z0 row: z0 has {z0.shape[0]} rows, params has {params.shape[0]}"
             )
+        if self.check_finite:  # after the shape checks, before any layer: one sync for both tensors
+            if not bool(torch.isfinite(z0).all() & torch.isfinite(params).all()):
+                bad = "z0" if not bool(torch.isfinite(z0).all()) else "params"
+                raise ValueError(f"{bad} contains NaN or Inf values (check_finite=True)")
         if self.kind == "hyper":
             weights = rearrange(self.param_encoder(params.to(z0.dtype)), "B (i j) -> B i j", i=self.embed_dim)
             return einsum(weights, z0.to(weights.dtype), "B i j, B j -> B i")

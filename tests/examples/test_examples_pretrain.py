@@ -96,3 +96,169 @@ def test_bf16_autocast_and_invariant_only_head(tmp_path):
     assert set(k for k in row if k.startswith("loss_")) == {"loss_inv"}
     assert row["cca_mean"] is None and row["gate_mean"] is None  # no equivariant embedding, no router
     assert torch.isfinite(torch.tensor(row["loss"]))
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--image-size", "0"], "--image-size must be >= 8"),
+    (["--temperature", "inf"], "--temperature must be a finite number > 0"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--lam", "-1"], "--lam must be a finite number >= 0"),
+    (["--momentum", "1"], "--momentum must be < 1"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--match-params"], "--match-params sizes a baseline head to STAR"),
+])
+def test_every_bad_value_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flags, words):
+    out = tmp_path / "run"
+    code, err = _cli(capsys, ["--out", str(out), *TINY, *flags])
+    assert code == 2 and words in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_out_under_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, err = _cli(capsys, ["--out", str(tmp_path / "file" / "run"), *TINY])
+    assert code == 2 and "is a file, not a directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 1-epoch run whose final plots were interrupted (as by SIGINT), then resumed."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    import common.plots as plots
+
+    real = plots.plot_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    plots.plot_run = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.main(["--out", str(run), "--epochs", "1", *TINY])
+    finally:
+        plots.plot_run = real
+    assert (run / "checkpoint.pt").exists() and not list(run.glob("*.png"))
+    return run
+
+
+def test_resume_recreates_the_plots_of_a_finished_run(finished, capsys):
+    capsys.readouterr()
+    pretrain.main(["--resume", str(finished)])
+    assert "re-created cca.png, gates.png, losses.png" in capsys.readouterr().out
+    for f in ("cca.png", "gates.png", "losses.png"):
+        assert (finished / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (finished / "gates.png").unlink()
+    pretrain.main(["--resume", str(finished)])
+    assert (finished / "gates.png").exists() and "re-created gates.png" in capsys.readouterr().out
+    pretrain.main(["--resume", str(finished), "--device", "cpu", "--lr", "0.03"])  # runtime / unchanged flags
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_resume_refuses_contradicting_flags_a_new_world_size_and_damage(finished, tmp_path, capsys):
+    for flags, words in ((["--lr", "0.1"], "--lr 0.1 contradicts the run being resumed (lr=0.03)"),
+                         (["--epochs", "5"], "--epochs 5 contradicts"),
+                         (["--head", "separate"], "--head separate contradicts"),
+                         (["--out", str(tmp_path)], "--out cannot be combined with --resume")):
+        code, err = _cli(capsys, ["--resume", str(finished), *flags])
+        assert code == 2 and words in err and "\n" not in err, err
+    run = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(finished, run)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "world_size": 2}))
+    code, err = _cli(capsys, ["--resume", str(run)])
+    assert code == 2 and "trained with 2 process(es); resume it with the same number (got 1)" in err
+    (run / "config.json").write_text("")
+    code, err = _cli(capsys, ["--resume", str(run)])
+    assert code == 2 and "config.json is empty" in err
+    (run / "config.json").write_text(json.dumps(cfg))
+    data = bytearray((run / "checkpoint.pt").read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    (run / "checkpoint.pt").write_bytes(bytes(data))
+    before = (run / "metrics.jsonl").read_text()
+    code, err = _cli(capsys, ["--resume", str(run), "--stop-after", "1"])
+    assert code == 2 and "checkpoint.pt is damaged" in err
+    assert (run / "metrics.jsonl").read_text() == before and bytes(data) == (run / "checkpoint.pt").read_bytes()
+    from common.runs import RunDir
+
+    RunDir(run).save_checkpoint({"epoch": 1})
+    code, err = _cli(capsys, ["--resume", str(run)])
+    assert code == 2 and "lacks the keys ['adapter', 'backbone', 'optimizer', 'rng', 'scheduler', 'step']" in err
+
+
+def test_transfer_validates_first_and_prints_before_it_writes(finished, capsys, monkeypatch):
+    code, err = _cli(capsys, [str(finished), "--max-iter", "0"], prog=transfer)
+    assert code == 2 and "--max-iter must be an int >= 1, got 0" in err
+    assert not (finished / "results.json").exists()
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(transfer, "atomic_write_text", refuse)
+    code = transfer.cli([str(finished), "--tasks", "shape", "--grid-points", "1", "--num-train", "40",
+                         "--num-test", "20", "--max-iter", "5"])
+    captured = capsys.readouterr()
+    assert code == 2 and "| shape (in-domain) |" in captured.out  # the results reached the user
+    assert "cannot write" in captured.err and "Permission denied" in captured.err
+    assert not (finished / "results.json").exists()
+
+
+def test_a_diverging_run_stops_before_its_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = _cli(capsys, ["--out", str(out), "--epochs", "1", "--lr", "1e30", *TINY])
+    assert code == 1 and "\n" not in err and ("non-finite loss" in err or "NaN/Inf" in err), err
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_paper_lr_rule_all_wd_and_param_matched_separate_heads(tmp_path):
+    from star_heads import STARHead, build_head
+    from star_heads.sizing import count_parameters
+
+    run = pretrain.main(["--out", str(tmp_path / "r"), "--epochs", "1", "--steps-per-epoch", "1", "--head", "separate",
+                         "--match-params", "--lr-rule", "paper", "--wd-policy", "all", *TINY[2:]])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["lr_effective"] == pytest.approx(0.03 * 16 / 256)
+    opt = _states(run)["optimizer"]
+    assert len(opt["param_groups"]) == 1 and opt["param_groups"][0]["weight_decay"] == 5e-4
+    assert opt["param_groups"][0]["initial_lr"] == pytest.approx(0.03 * 16 / 256)
+    head = {k[5:]: v for k, v in _states(run)["adapter"].items() if k.startswith("head.")}
+    matched = build_head("separate", 32, num_experts=2, match_params=True)  # backbone features: 8 × --width 4
+    assert {k: tuple(v.shape) for k, v in matched.state_dict().items() if isinstance(v, torch.Tensor)} == {
+        k: tuple(v.shape) for k, v in head.items() if isinstance(v, torch.Tensor)}
+    n_star = count_parameters(STARHead(32, 128, num_experts=2, hidden_dim=32))
+    assert abs(count_parameters(matched) - n_star) <= 0.05 * n_star
+
+
+def test_non_finite_features_never_reach_the_batchnorm_statistics():
+    from torch import nn
+
+    from common.training import NonFiniteError, SSLModel, build_adapter
+
+    cfg = {"method": "equimod", "head": "star", "num_experts": 2, "lam": 1.0, "temperature": 0.2}
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.BatchNorm1d(8))
+    model = SSLModel(backbone, build_adapter(cfg, 8), check_finite=True).train()
+    x = [torch.rand(4, 3, 4, 4) for _ in range(3)]
+    p = [torch.rand(4, 11) for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = x[1].clone()
+    bad[2, 0, 1, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN/Inf in the augmented views .* at epoch 3"):
+        model(x[0], bad, x[2], *p, where="epoch 3")
+    with torch.no_grad():
+        model.backbone[1].weight[0, 0] = float("inf")  # finite views, non-finite features
+    with pytest.raises(NonFiniteError, match="backbone features"):
+        model(*x, *p)
+    after = model.state_dict()
+    stats = [k for k in before if k.startswith("adapter.") and ("running" in k or "num_" in k)]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)  # head, predictor, normaliser untouched
+    with torch.no_grad():
+        model.backbone[1].weight.copy_(before["backbone.1.weight"])
+    out = model(*x, *p)  # the same model runs once the values are finite
+    assert torch.isfinite(out.loss)

@@ -1,5 +1,6 @@
 """Run directories, checkpoints, RNG capture and backbones of the examples (examples/common)."""
 
+import hashlib
 import random
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from common.backbones import ConvNet, build_backbone, resolve_backbone, torchvision_error  # noqa: E402
-from common.runs import RunDir, RunError, capture_rng, restore_rng  # noqa: E402
+import common.runs as runs_mod  # noqa: E402
+from common.runs import RunDir, RunError, capture_rng, check_writable_dir, restore_rng  # noqa: E402
 
 
 def test_create_refuses_a_directory_holding_a_run(tmp_path):
@@ -47,10 +49,85 @@ def test_metrics_and_checkpoint_round_trip(tmp_path):
     run.save_checkpoint(state)
     back = run.load_checkpoint()
     assert back["epoch"] == 2 and torch.equal(back["w"], state["w"])
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    digest = hashlib.sha256(run.checkpoint_path.read_bytes()).hexdigest()
+    assert run.digest_path.read_text() == f"{digest}  checkpoint.pt\n"  # sha256sum -c format
+    assert torch.load(run.checkpoint_path, weights_only=False)["epoch"] == 2  # still a plain torch.save file
+    with pytest.raises(RunError, match=r"lacks the keys \['optimizer'\]"):
+        run.load_checkpoint(required=("epoch", "optimizer"))
     run.checkpoint_path.write_text("not a checkpoint")
-    with pytest.raises(RunError, match="cannot read"):
+    with pytest.raises(RunError, match="is damaged"):
         run.load_checkpoint()
+
+
+def test_a_flipped_byte_is_refused_and_a_crash_mid_save_still_verifies(tmp_path):
+    run = RunDir.create(tmp_path)
+    run.save_checkpoint({"epoch": 1, "w": torch.ones(64)})
+    good = run.checkpoint_path.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x01
+    run.checkpoint_path.write_bytes(bytes(data))
+    with pytest.raises(RunError, match="is damaged: its SHA-256"):
+        run.load_checkpoint()
+    run.checkpoint_path.write_bytes(good)
+    # A crash between the steps of save_checkpoint: both digests are accepted while the file is replaced.
+    first = run.digest_path.read_text()
+    real_write = runs_mod.atomic_write_bytes
+
+    def crash(path, payload):
+        if Path(path).name == "checkpoint.pt":
+            raise KeyboardInterrupt
+        real_write(path, payload)
+
+    runs_mod.atomic_write_bytes = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.save_checkpoint({"epoch": 2, "w": torch.zeros(64)})
+    finally:
+        runs_mod.atomic_write_bytes = real_write
+    assert run.digest_path.read_text() != first and run.load_checkpoint()["epoch"] == 1
+    run.digest_path.unlink()
+    with pytest.raises(RunError, match="no checksum file"):
+        run.load_checkpoint()
+
+
+def test_metrics_survive_a_partial_last_line_and_refuse_damage(tmp_path):
+    run = RunDir.create(tmp_path)
+    run.append_metrics({"epoch": 1})
+    with run.metrics_path.open("a") as fh:
+        fh.write('{"epoch": 2, "lo')  # a write cut short
+    with pytest.warns(UserWarning, match="partial last line"):
+        assert run.read_metrics() == [{"epoch": 1}]
+    with pytest.warns(UserWarning):
+        run.append_metrics({"epoch": 2})
+    assert run.metrics_path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    run.metrics_path.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
+    with pytest.raises(RunError, match="line 2 is damaged"):
+        run.read_metrics()
+
+
+@pytest.mark.parametrize("text, words", [("", "is empty"), ("{'a': 1", "not valid JSON"), ("[1, 2]", "JSON object")])
+def test_a_damaged_config_is_one_clear_error(tmp_path, text, words):
+    RunDir.create(tmp_path).config_path.write_text(text)
+    with pytest.raises(RunError, match=words):
+        RunDir.open(tmp_path, need_checkpoint=False).read_config()
+    RunDir(tmp_path).write_config({"a": 1})
+    with pytest.raises(RunError, match=r"lacks the keys \['b'\]"):
+        RunDir(tmp_path).read_config(required=("a", "b"))
+
+
+def test_create_checks_the_target_first_and_discard_removes_only_what_it_made(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunError, match="is a file, not a directory"):
+        RunDir.create(tmp_path / "file" / "run")
+    with pytest.raises(RunError, match="exists and is not a directory"):
+        RunDir.create(tmp_path / "file")
+    with pytest.raises(RunError, match="cannot be created"):
+        check_writable_dir(tmp_path / "file" / "a" / "b")
+    run = RunDir.create(tmp_path / "new" / "deeper" / "run")
+    assert run.path.is_dir()
+    run.discard()
+    assert not (tmp_path / "new").exists() and (tmp_path / "file").exists()
 
 
 def test_rng_capture_restore_continues_every_stream():
