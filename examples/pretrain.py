@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Self-supervised pretraining with a STAR head (or a baseline head): SimCLR, VICReg or EquiMod style.
 
-One step (STAR_METHOD.md, "Forward pass"): the batch is augmented twice on the device
+One step (STAR, arXiv 2510.27222): the batch is augmented twice on the device
 (``star_heads.augment.STARAugment``, which also returns each view's 11-D parameter vector); the
 original x0 and the views x1, x2 go through the backbone in three separate calls (BatchNorm
 statistics per view group, as in the reference code); the adapter (``star_heads.adapters``) owns

@@ -29,3 +29,10 @@ def test_python_examples_run(page):
 def test_index_links_exist():
     for link in re.findall(r"\]\(([\w.]+\.md)", (DOCS / "index.md").read_text()):
         assert (DOCS / link).exists(), link
+
+
+def test_package_and_docs_cite_the_papers_not_private_notes():
+    root = DOCS.parent
+    files = [*root.joinpath("star_heads").rglob("*.py"), *DOCS.rglob("*.md"), *root.joinpath("examples").rglob("*.py")]
+    offenders = [str(f.relative_to(root)) for f in files if re.search(r"STAR_METHOD|ECOSYSTEM\.md", f.read_text())]
+    assert not offenders, f"cite the paper (arXiv id, section) instead of a notes file in {offenders}"

@@ -97,7 +97,8 @@ class JointAdapter(nn.Module):
         lam: Weight λ of the equivariant loss.
         predictor: ``"star"``, ``"equimod"``, ``"hyper"`` or a module ``(z0, params) -> prediction``.
         normalizer: ``"running"`` (default: tracked statistics, saved in the state_dict), ``"stl10"``
-            (the published constants), ``None`` (parameters used as given) or a module.
+            (the paper's published constants, crop box in pixels of 96-px images; for the normalised boxes of
+            ``STARAugment`` pass ``AugParamNormalizer.stl10(crop_units="normalized")``), ``None`` (parameters used as given) or a module.
         loss: Invariant loss ``(z0, z1) -> Tensor`` (e.g. lightly's ``NTXentLoss``); default per subclass.
         eq_loss: Equivariant loss ``(targets, predictions) -> Tensor``; default per subclass.
         cca_every: Compute CCA(inv, eq) over the last ``cca_every`` joint steps, every ``cca_every``

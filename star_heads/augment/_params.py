@@ -1,6 +1,6 @@
 """STAR's 11-D augmentation parameter layout, the pipeline configuration and parameter sampling.
 
-The parameter vector follows the STAR encoding (STAR_METHOD.md, "Augmentation parameters"): crop top, crop left,
+The parameter vector follows the STAR encoding (STAR, arXiv 2510.27222, the 11-D augmentation encoding of its released code): crop top, crop left,
 crop height, crop width, horizontal flip {0, 1}, brightness, contrast, saturation and hue factors ((1, 1, 1, 0) when
 colour jitter is not applied), grayscale {0, 1} and blur sigma (0 when blur is not applied). STAR writes the crop
 box in pixels of the source image; here it is a fraction of the source height/width by default, which transfers
@@ -76,7 +76,7 @@ def _range(value: object, name: str) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """STAR/SimCLR augmentation pipeline settings (defaults are the paper's, STAR_METHOD.md).
+    """STAR/SimCLR augmentation pipeline settings (defaults are the paper's, arXiv 2510.27222).
 
     Attributes:
         output_size: View size ``(h, w)`` (an int means square).

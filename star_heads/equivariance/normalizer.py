@@ -1,6 +1,6 @@
 """Per-dimension standardisation of augmentation parameters with fitted or tracked statistics.
 
-Replaces the hard-coded dataset constants of the reference code (STAR_METHOD.md, "Augmentation
+Replaces the hard-coded dataset constants of the reference code (STAR, arXiv 2510.27222, "Augmentation
 parameters"): the mean / std live in buffers (saved in the state_dict), and are either tracked
 while training, fitted once, or set from published constants.
 """
@@ -22,7 +22,7 @@ STL10_IMAGE_SIZE = 96
 
 __all__ = ["STL10_PARAM_MEAN", "STL10_PARAM_STD", "AugParamNormalizer"]
 
-#: Published STL10 mean of the 11-D STAR parameter vector (STAR_METHOD.md). Order: crop top, crop
+#: Published STL10 mean of the 11-D STAR parameter vector (STAR, arXiv 2510.27222, released code). Order: crop top, crop
 #: left, crop height, crop width (PIXELS of the 96x96 STL10 source image), horizontal flip {0,1},
 #: brightness, contrast, saturation, hue factors, grayscale {0,1}, blur sigma.
 STL10_PARAM_MEAN: tuple[float, ...] = (

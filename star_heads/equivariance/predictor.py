@@ -32,20 +32,20 @@ def _norm_without_affine(norm_layer: type[nn.Module], dim: int) -> nn.Module:
 class EquivariantPredictor(nn.Module):
     """Predicts a view's equivariant embedding from the original's and the transformation.
 
-    ``kind="star"`` (STAR_METHOD.md, "Equivariant predictor (residual)")::
+    ``kind="star"`` (STAR, arXiv 2510.27222: residual equivariant predictor)::
 
         ẑ = z0 + φ([z0 ; ψ(a)]),   ψ = Linear(P → D, bias),
         φ = Linear(2D → H, no bias) → norm → act → Linear(H → H, no bias) → norm → act → Linear(H → D, bias)
 
     with ``H = hidden_dim`` (512 in the paper: φ is 256 → 512 → 512 → 128 for D = 128).
 
-    ``kind="equimod"`` (STAR_METHOD.md, "EquiMod"): no residual::
+    ``kind="equimod"`` (EquiMod, arXiv 2211.01244): no residual::
 
         ẑ = norm_noaffine(Linear(2D → D, no bias)([z0 ; norm(Linear(P → D, no bias)(a))]))
 
     (``hidden_dim`` and ``act_layer`` are unused there.)
 
-    ``kind="hyper"`` (SIE, STAR_METHOD.md "SIE"): a hypernetwork maps the transformation latent to
+    ``kind="hyper"`` (SIE, arXiv 2302.10283): a hypernetwork maps the transformation latent to
     the weights of a D×D linear map applied to ``z0``; SIE's linear hypernetwork, no bias::
 
         ẑ = W(a) z0,   W(a) = reshape(Linear(P → D·D, no bias)(a), [D, D])  (= sum_p a_p M_p)

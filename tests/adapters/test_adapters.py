@@ -28,7 +28,7 @@ def test_joint_loss_is_the_paper_objective(cls, view_batching):
     h0, h1, h2, p1, p2 = _batch()
     ref = copy.deepcopy(adapter)
     out = adapter(h1, h2, h0=h0, params1=p1, params2=p2)
-    # the same objective written out from the parts (STAR_METHOD.md, "Forward pass")
+    # the same objective written out from the parts (STAR, arXiv 2510.27222: L = L_inv + λ·L_eq)
     head, pred, norm = ref.head, ref.predictor, ref.normalizer
     if view_batching == "separate":
         o1, o2, z0 = head(h1), head(h2), head(h0, task="eq")
