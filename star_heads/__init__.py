@@ -36,6 +36,7 @@ from star_heads.metrics import (
 )
 from star_heads.optim import param_groups
 from star_heads.routing import RoutingStats, SoftRouter, routing_stats
+from star_heads.sizing import count_parameters, linear_macs
 
 __all__ = [
     "__version__",
@@ -53,6 +54,8 @@ __all__ = [
     "routing_stats",
     "RoutingStats",
     "param_groups",
+    "count_parameters",
+    "linear_macs",
     # losses
     "nt_xent",
     "equivariant_nt_xent",

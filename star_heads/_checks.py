@@ -1,16 +1,171 @@
-"""Input validation shared by the package.
+"""Input validation shared by the package: one check per kind of value, one exception type per mistake.
 
-Every public entry point validates its tensors *before* touching any state, and raises an
-error that names what was expected and what was given.
+Every public entry point validates its arguments *before* touching any state, and raises an error that
+names the argument, what was expected and what was given. The exception type says what kind of mistake
+it is, the same way everywhere:
+
+* ``TypeError`` — the value has the wrong type: a float or a string where an int is expected, a ``bool``
+  where a number is expected (``True`` is an ``int`` to Python, never to us), a string where a sequence of
+  names is expected, a non-tensor, an integer tensor where a float one is expected;
+* ``ValueError`` — the type is right but the value is not: out of range, not finite, not one of the
+  choices, a tensor of the wrong rank or size.
+
+Choices are declared once as a ``typing.Literal`` and checked with :func:`check_choice`, which reads the
+allowed values from the Literal itself (``typing.get_args``).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import typing
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["check_float_tensor", "check_positive_int"]
+__all__ = [
+    "check_float_tensor",
+    "check_positive_int",
+    "check_int",
+    "check_positive_float",
+    "check_float",
+    "check_probability",
+    "check_bool",
+    "check_choice",
+    "check_names",
+    "check_layer",
+    "choices",
+]
+
+
+def check_int(value: object, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Checks that ``value`` is an int in ``[minimum, maximum]`` and returns it as a Python int.
+
+    Raises:
+        TypeError: not an int (``bool``, float and str are rejected; numpy integers are accepted).
+        ValueError: out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
+    """Checks that ``value`` is an int ``>= minimum`` (1 unless told) and returns it."""
+    return check_int(value, name, minimum=minimum)
+
+
+def check_float(
+    value: object,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    min_inclusive: bool = True,
+    max_inclusive: bool = True,
+    allow_inf: bool = False,
+) -> float:
+    """Checks that ``value`` is a real number (int or float, not bool/str) in the given range; returns a float.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: NaN, infinite (unless ``allow_inf``) or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if minimum is not None and (value < minimum or (value == minimum and not min_inclusive)):
+        raise ValueError(f"{name} must be {'>=' if min_inclusive else '>'} {minimum}, got {value}")
+    if maximum is not None and (value > maximum or (value == maximum and not max_inclusive)):
+        raise ValueError(f"{name} must be {'<=' if max_inclusive else '<'} {maximum}, got {value}")
+    return value
+
+
+def check_positive_float(value: object, name: str, *, allow_zero: bool = False, allow_inf: bool = False) -> float:
+    """Checks that ``value`` is a real number ``> 0`` (``>= 0`` with ``allow_zero``), finite unless ``allow_inf``."""
+    return check_float(value, name, minimum=0.0, min_inclusive=allow_zero, allow_inf=allow_inf)
+
+
+def check_probability(value: object, name: str, *, allow_zero: bool = True, allow_one: bool = True) -> float:
+    """Checks that ``value`` is a real number in ``[0, 1]`` (ends excluded on request)."""
+    return check_float(value, name, minimum=0.0, maximum=1.0, min_inclusive=allow_zero, max_inclusive=allow_one)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Checks that ``value`` is a ``bool`` (``0``/``1``/``"yes"`` are rejected, numpy bools accepted)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def choices(literal: Any) -> tuple:
+    """The allowed values of a ``typing.Literal`` (or a sequence of values), as a tuple."""
+    args = typing.get_args(literal)
+    return tuple(args) if args else tuple(literal)
+
+
+def check_choice(value: object, name: str, allowed: Any) -> Any:
+    """Checks that ``value`` is one of ``allowed`` (a ``typing.Literal`` or a sequence) and returns it.
+
+    Raises:
+        TypeError: ``value`` is not of the type of the choices (e.g. an int where names are expected).
+        ValueError: not one of them.
+    """
+    options = choices(allowed)
+    types = {type(o) for o in options}
+    if not any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in types):
+        raise TypeError(f"{name} must be one of {options}, got {type(value).__name__} {value!r}")
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def check_names(value: object, name: str) -> tuple[str, ...]:
+    """Checks a non-empty sequence of distinct non-empty strings (e.g. task names) and returns it as a tuple.
+
+    A bare string is rejected (``tasks="inv"`` would otherwise read as ``('i', 'n', 'v')``).
+
+    Raises:
+        TypeError: a string, a non-sequence, or an element that is not a string.
+        ValueError: empty, an empty name or a repeated name.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        hint = f" (did you mean ({value!r},)?)" if isinstance(value, str) else ""
+        raise TypeError(f"{name} must be a sequence of strings, got {type(value).__name__} {value!r}{hint}")
+    names = tuple(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must contain only strings, got {type(bad[0]).__name__} {bad[0]!r} in {names!r}")
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"{name} must be a non-empty sequence of distinct non-empty strings, got {names!r}")
+    return names
+
+
+def check_layer(value: object, name: str, *, optional: bool = True) -> Any:
+    """Checks a layer option given timm-style: a ``nn.Module`` class or a ``functools.partial`` of one
+    (``None`` allowed when ``optional``). An *instance* such as ``nn.ReLU()`` is rejected: the layer is
+    built once per use.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if value is None and optional:
+        return value
+    func = getattr(value, "func", value)  # functools.partial
+    if isinstance(func, type) and issubclass(func, torch.nn.Module):
+        return value
+    what = "an nn.Module class or a functools.partial of one" + (" or None" if optional else "")
+    given = f"the instance {value!r} (pass its class)" if isinstance(value, torch.nn.Module) else repr(value)
+    raise TypeError(f"{name} must be {what}, got {given}")
 
 
 def check_float_tensor(
@@ -58,17 +213,9 @@ def check_float_tensor(
                     f"(dimension {axis}: expected {want}, got {got})"
                 )
     if finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or Inf value(s) (shape {tuple(x.shape)})")
     return x
-
-
-def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
-    """Checks that ``value`` is an int ``>= minimum`` (bools rejected) and returns it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _fmt(sizes: Sequence[int | None]) -> str:

@@ -9,10 +9,16 @@ Every head maps backbone features ``x [B, d]`` to one embedding per task:
   ``(z0, z1)`` loss);
 * ``head(x) -> HeadOutput`` (a mapping task → Tensor) for multi-task heads; single-task heads return
   the Tensor; ``return_gates`` / ``return_expert_outputs`` opt into extras.
+
+Options follow one convention for every head (timm-style, flat keywords): sizes, then ``norm_layer``,
+``act_layer``, ``last_norm_layer`` (classes or ``functools.partial`` of them, ``None`` / ``nn.Identity``
+for none), ``last_bias``, the router options of :class:`~star_heads.SoftRouter` (``temperature``,
+``learn_temperature``, ``conditional``, ``top_k``) for routed heads, ``check_finite``, ``device``, ``dtype``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from star_heads._checks import check_float_tensor
+from star_heads._checks import check_bool, check_float_tensor, check_layer, check_names, check_positive_int
 from star_heads.experts import ExpertBank
 from star_heads.routing import SoftRouter
+from star_heads.sizing import count_parameters, fit_width
 
 __all__ = [
     "HeadOutput",
@@ -31,7 +38,11 @@ __all__ = [
     "STARHead",
     "STARSimCLRProjectionHead",
     "STARVICRegProjectionHead",
+    "ROUTER_OPTIONS",
 ]
+
+ROUTER_OPTIONS: tuple[str, ...] = ("temperature", "learn_temperature", "conditional", "top_k")
+"""The keyword options of a routed head that configure its :class:`~star_heads.SoftRouter`."""
 
 
 @dataclass(frozen=True)
@@ -64,15 +75,26 @@ class HeadOutput(Mapping):
 class TaskHead(nn.Module):
     """Base class: task bookkeeping, input checks and output assembly shared by every head.
 
+    The task names are saved in the state_dict (buffer ``task_names``): loading weights trained with tasks
+    ``("eq", "inv")`` into a head with ``("inv", "eq")`` raises instead of silently swapping the tasks.
+
     Subclasses implement ``_embed(x, task_indices, need_gates, need_experts) -> (z [T', B, o], gates, experts)``.
+
+    Args:
+        input_dim: Backbone feature size d.
+        output_dim: Embedding size.
+        tasks: Task names (a sequence of distinct strings; a bare string is an error).
+        check_finite: Check every input for NaN/Inf before it reaches a layer (and so the BatchNorm
+            running statistics, which a single NaN row poisons for good). Costs one host sync per call.
     """
 
-    def __init__(self, input_dim: int, output_dim: int, tasks: Sequence[str]) -> None:
+    def __init__(self, input_dim: int, output_dim: int, tasks: Sequence[str], *, check_finite: bool = False) -> None:
         super().__init__()
-        tasks = tuple(tasks)
-        if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) and t for t in tasks):
-            raise ValueError(f"tasks must be a non-empty sequence of distinct non-empty strings, got {tasks!r}")
-        self.input_dim, self.output_dim, self.tasks = input_dim, output_dim, tasks
+        self.input_dim = check_positive_int(input_dim, "input_dim")
+        self.output_dim = check_positive_int(output_dim, "output_dim")
+        self.tasks = check_names(tasks, "tasks")
+        self.check_finite = check_bool(check_finite, "check_finite")
+        self._register_task_names()
 
     @property
     def num_tasks(self) -> int:
@@ -80,6 +102,8 @@ class TaskHead(nn.Module):
 
     def task_index(self, task: str) -> int:
         """Index of ``task`` in :attr:`tasks`; ``ValueError`` naming the known tasks otherwise."""
+        if not isinstance(task, str):
+            raise TypeError(f"task must be a task name (str) or None, got {type(task).__name__} {task!r}")
         try:
             return self.tasks.index(task)
         except ValueError:
@@ -96,7 +120,7 @@ class TaskHead(nn.Module):
         """Embeds backbone features.
 
         Args:
-            x: ``[B, input_dim]`` backbone features.
+            x: ``[B, input_dim]`` backbone features, in the head's dtype (or any float dtype under autocast).
             task: One task name (only its embedding is computed), or None for all tasks.
             return_gates: Also return the router gates ``[B, T, N]`` (None for heads without a router).
             return_expert_outputs: Also return every expert's output ``[B, N, o]``.
@@ -104,10 +128,16 @@ class TaskHead(nn.Module):
         Returns:
             A Tensor ``[B, output_dim]`` when one task is asked for (or the head has one task) and no
             extras are requested; a :class:`HeadOutput` otherwise.
+
+        Raises:
+            TypeError: ``x`` is not a float tensor, or its dtype differs from the head's outside autocast;
+                ``task`` is not a string; a flag is not a bool.
+            ValueError: wrong shape, empty batch, a batch of one in training mode with BatchNorm, an unknown
+                task, or (``check_finite``) NaN/Inf in ``x``.
         """
-        check_float_tensor(x, "x", sizes=(None, self.input_dim))
-        if task is not None and not isinstance(task, str):
-            raise TypeError(f"task must be a task name (str) or None, got {type(task).__name__}")
+        self.check_input(x)
+        return_gates = check_bool(return_gates, "return_gates")
+        return_expert_outputs = check_bool(return_expert_outputs, "return_expert_outputs")
         indices = list(range(self.num_tasks)) if task is None else [self.task_index(task)]
         z, gates, experts = self._embed(x, indices, return_gates, return_expert_outputs)
         if len(indices) == 1 and not (return_gates or return_expert_outputs):
@@ -115,20 +145,75 @@ class TaskHead(nn.Module):
         embeddings = {self.tasks[i]: z[j] for j, i in enumerate(indices)}
         return HeadOutput(embeddings, gates if return_gates else None, experts if return_expert_outputs else None)
 
+    def check_input(self, x: object) -> torch.Tensor:
+        """Validates backbone features ``x`` in the user's terms (shape, dtype, batch size, finiteness)."""
+        check_float_tensor(x, "x", sizes=(None, self.input_dim))
+        if x.shape[0] == 0:
+            raise ValueError(f"x must hold at least one sample, got an empty batch of shape {tuple(x.shape)}")
+        ref = next(self.parameters(), None)
+        if ref is not None and x.dtype != ref.dtype and not _autocast_on(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the head's parameters are {ref.dtype}: cast the features "
+                f"(x.to({ref.dtype})), the head (head.to({x.dtype})), or run under torch.autocast"
+            )
+        if self.training and x.shape[0] == 1 and self._has_batch_norm():
+            raise ValueError(
+                f"x has a batch of 1 (shape {tuple(x.shape)}): BatchNorm in training mode needs at least 2 samples; "
+                "use a larger batch, call head.eval(), or build the head with norm_layer=nn.LayerNorm or None"
+            )
+        if self.check_finite:
+            check_float_tensor(x, "x", finite=True)
+        return x
+
+    def _has_batch_norm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training for m in self.modules())
+
     def _embed(
         self, x: torch.Tensor, task_indices: list[int], need_gates: bool, need_experts: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         raise NotImplementedError
 
+    # The task names travel with the weights: a head's per-task parameters (routers, separate MLPs) are
+    # stored by task position, so a checkpoint loaded under another task order would swap the tasks. They
+    # are kept as a persistent uint8 buffer (UTF-8 JSON) so that every state_dict value stays a Tensor.
+    def _register_task_names(self) -> None:
+        names = torch.tensor(list(json.dumps(list(self.tasks)).encode()), dtype=torch.uint8)
+        self.register_buffer("task_names", names)
+        self._register_load_state_dict_pre_hook(self._check_loaded_tasks)
+
+    def _check_loaded_tasks(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        key = prefix + "task_names"
+        if key not in state_dict:  # a checkpoint saved before task names were stored: nothing to check
+            state_dict[key] = self.task_names
+            return
+        try:
+            saved = tuple(json.loads(bytes(state_dict[key].tolist()).decode()))
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"{type(self).__name__}: {key!r} in the checkpoint is not a list of task names") from None
+        if saved != self.tasks:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint was saved by a head with tasks {saved}, this head has tasks "
+                f"{self.tasks}; per-task weights are stored by position, so loading would mix the tasks up. "
+                f"Build the head with tasks={saved!r}."
+            )
+
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}"
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is active for ``device_type`` (torch >= 2.4 API, with the older one as fallback)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class MMoEHead(TaskHead):
     """Multi-gate mixture of experts: a shared :class:`ExpertBank` read by one :class:`SoftRouter` per task.
 
-    ``z_t(x) = Σ_k s_{t,k}(x) · E_k(x)`` with ``s_t(x) = softmax(W_t x + c_t)`` (STAR, task embedding).
-    The experts are computed once for all tasks.
+    ``z_t(x) = Σ_k s_{t,k}(x) · E_k(x)`` with ``s_t(x) = softmax(W_t x + c_t)`` (STAR, Sec. 3, task embedding;
+    arXiv 2510.27222). The experts are computed once for all tasks.
 
     Args:
         input_dim: Backbone feature size d.
@@ -137,10 +222,15 @@ class MMoEHead(TaskHead):
         num_layers: Linear layers per expert.
         num_experts: N.
         tasks: Task names, one router each.
-        router_kwargs: Passed to :class:`SoftRouter` (``temperature``, ``learn_temperature``,
-            ``conditional``, ``top_k``).
-        expert_kwargs: Passed to :class:`ExpertBank` (``norm_layer``, ``act_layer``, ``last_bias``,
-            ``last_norm_layer``).
+        norm_layer: Norm after each hidden Linear of an expert (class or partial; ``None`` for none).
+        act_layer: Activation after each hidden norm.
+        last_norm_layer: Optional norm after the last Linear.
+        last_bias: Whether the last Linear has a bias.
+        temperature: Router softmax temperature (1 in the paper).
+        learn_temperature: Learn the router temperature.
+        conditional: Input-dependent gates (``False``: one learned logit vector per task).
+        top_k: Keep the k largest gates per task (experimental, see :class:`SoftRouter`).
+        check_finite: See :class:`TaskHead` (one host sync per call).
         device: Factory kwarg.
         dtype: Factory kwarg.
     """
@@ -154,21 +244,36 @@ class MMoEHead(TaskHead):
         *,
         num_experts: int = 8,
         tasks: Sequence[str] = ("inv", "eq"),
-        router_kwargs: dict[str, Any] | None = None,
-        expert_kwargs: dict[str, Any] | None = None,
+        norm_layer: type[nn.Module] | None = nn.BatchNorm1d,
+        act_layer: type[nn.Module] = nn.ReLU,
+        last_norm_layer: type[nn.Module] | None = None,
+        last_bias: bool = True,
+        temperature: float = 1.0,
+        learn_temperature: bool = False,
+        conditional: bool = True,
+        top_k: int | None = None,
+        check_finite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(input_dim, output_dim, tasks)
+        super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
         factory = {"device": device, "dtype": dtype}
         self.experts = ExpertBank(
-            num_experts, input_dim, hidden_dim, output_dim, num_layers, **(expert_kwargs or {}), **factory
+            num_experts, input_dim, hidden_dim, output_dim, num_layers,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias), **factory,
         )
-        self.router = SoftRouter(input_dim, num_experts, len(self.tasks), **(router_kwargs or {}), **factory)
+        self.router = SoftRouter(
+            input_dim, num_experts, len(self.tasks), temperature=temperature, learn_temperature=learn_temperature,
+            conditional=conditional, top_k=top_k, **factory,
+        )
 
     @property
     def num_experts(self) -> int:
         return self.experts.num_experts
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.experts.hidden_dim
 
     def _embed(self, x, task_indices, need_gates, need_experts):
         single = len(task_indices) == 1 and self.num_tasks > 1
@@ -180,14 +285,26 @@ class MMoEHead(TaskHead):
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Router gates ``[B, T, N]`` alone (cheap: the experts are not evaluated)."""
+        self.check_input(x)
         return self.router(x)
 
 
+def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias) -> dict[str, Any]:
+    """The bank's layer options, type-checked under the names the user gave them."""
+    return {
+        "norm_layer": check_layer(norm_layer, "norm_layer"),
+        "act_layer": check_layer(act_layer, "act_layer", optional=False),
+        "last_norm_layer": check_layer(last_norm_layer, "last_norm_layer"),
+        "last_bias": check_bool(last_bias, "last_bias"),
+    }
+
+
 class STARHead(MMoEHead):
-    """MMoE head with the STAR paper's defaults: hidden = input_dim, output 128, 3 layers, tasks inv/eq, N = 8.
+    """MMoE head with the STAR paper's defaults (Sec. 4 of arXiv 2510.27222): hidden = input_dim, output 128,
+    3 layers, tasks inv/eq, N = 8.
 
     Experts are ``d → d → d → 128`` MLPs (Linear no bias → BN → ReLU, twice, then Linear with bias, no
-    output norm); routers are ``Linear(d → N)`` + softmax (STAR_METHOD.md, "Forward pass").
+    output norm); routers are ``Linear(d → N)`` + softmax (STAR, Sec. 3). Other options as :class:`MMoEHead`.
     """
 
     def __init__(
@@ -199,11 +316,10 @@ class STARHead(MMoEHead):
         hidden_dim: int | None = None,
         num_layers: int = 3,
         tasks: Sequence[str] = ("inv", "eq"),
-        **kwargs: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            input_dim, hidden_dim or input_dim, output_dim, num_layers, num_experts=num_experts, tasks=tasks, **kwargs
-        )
+        hidden = input_dim if hidden_dim is None else hidden_dim
+        super().__init__(input_dim, hidden, output_dim, num_layers, num_experts=num_experts, tasks=tasks, **options)
 
 
 class _DefaultTaskHead(MMoEHead):
@@ -214,12 +330,113 @@ class _DefaultTaskHead(MMoEHead):
         return super().forward(x, task, **kwargs)
 
 
-class STARSimCLRProjectionHead(_DefaultTaskHead):
+def lightly_projection_mlp(
+    input_dim: int,
+    hidden_dim: int,
+    output_dim: int,
+    num_layers: int,
+    batch_norm: bool = True,
+    last_batch_norm: bool = False,
+    **factory: Any,
+) -> nn.Sequential:
+    """The MLP that lightly 1.6 builds for ``SimCLRProjectionHead`` / ``VICRegProjectionHead`` (its
+    ``ProjectionHead`` blocks, where a Linear has a bias exactly when no BatchNorm follows it):
+    ``num_layers - 1`` times ``Linear → BatchNorm1d → ReLU`` (no BatchNorm without ``batch_norm``), then
+    ``Linear`` (→ ``BatchNorm1d`` with ``last_batch_norm``: SimCLR's head with ``batch_norm=True``). Used
+    to size the drop-ins without importing lightly; a client-tier test compares it with lightly."""
+    sizes = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        norm = last_batch_norm if last else batch_norm
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=not norm, **factory))
+        if norm:
+            layers.append(nn.BatchNorm1d(sizes[i + 1], **factory))
+        if not last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class _LightlyDropIn(_DefaultTaskHead):
+    """A STAR head sized from a lightly projection head's arguments.
+
+    ``hidden_dim`` is the replaced lightly head's hidden width. The experts' hidden width
+    ``expert_hidden_dim`` defaults to the largest width at which the whole STAR head (N experts + routers)
+    has at most twice the parameters of that lightly head — the budget of the two heads (invariant and
+    equivariant) that STAR replaces. Pass ``expert_hidden_dim=hidden_dim`` for the paper's per-expert shape
+    (every expert as wide as the lightly head, STAR Sec. 4), at N times the parameters.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        batch_norm: bool,
+        last_batch_norm: bool,
+        *,
+        num_experts: int,
+        expert_hidden_dim: int | None,
+        tasks: Sequence[str],
+        **options: Any,
+    ) -> None:
+        for name, value in (("input_dim", input_dim), ("hidden_dim", hidden_dim), ("output_dim", output_dim)):
+            check_positive_int(value, name)
+        check_positive_int(num_layers, "num_layers", minimum=2)  # lightly silently builds 2 layers for 1
+        batch_norm = check_bool(batch_norm, "batch_norm")
+        norm = options.pop("norm_layer", nn.BatchNorm1d if batch_norm else None)
+        if not batch_norm and norm not in (None, nn.Identity):
+            raise ValueError(f"batch_norm=False contradicts norm_layer={norm!r}; pass one of them")
+        config = dict(num_experts=num_experts, tasks=tasks, norm_layer=norm, **options)
+        if expert_hidden_dim is None:
+            expert_hidden_dim = _budget_width(
+                lambda h: MMoEHead(input_dim, h, output_dim, num_layers, **_on_meta(config)),
+                lightly_projection_mlp(
+                    input_dim, hidden_dim, output_dim, num_layers, batch_norm, last_batch_norm, device="meta"
+                ),
+            )
+        super().__init__(input_dim, expert_hidden_dim, output_dim, num_layers, **config)
+        self.lightly_hidden_dim = hidden_dim
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lightly_hidden_dim={self.lightly_hidden_dim}"
+
+
+def _on_meta(options: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in options.items() if k not in ("device", "dtype")}, "device": "meta"}
+
+
+def _budget_width(build, lightly_head: nn.Module) -> int:
+    """Largest expert hidden width whose head has at most 2× the parameters of ``lightly_head``."""
+    budget = 2 * count_parameters(lightly_head)
+    try:
+        return fit_width(build, budget, mode="at_most", name="expert_hidden_dim")
+    except ValueError as err:
+        raise ValueError(
+            f"the default expert width gives the STAR head at most 2x the {budget // 2:,} parameters of the lightly "
+            f"head it replaces, and none fits ({err}); pass expert_hidden_dim= explicitly"
+        ) from None
+
+
+class STARSimCLRProjectionHead(_LightlyDropIn):
     """Drop-in for lightly's ``SimCLRProjectionHead``: same positional signature and defaults.
 
-    ``head(x)`` returns the invariant embedding Tensor; ``head(x, task="eq")`` the equivariant one;
-    ``head(x, task=None)`` both. ``batch_norm`` switches the experts' hidden BatchNorm. Unlike lightly's
-    head, the experts follow STAR: the last layer is a Linear with bias and no BatchNorm.
+    SimCLR's projection head (arXiv 2002.05709) made a STAR head (arXiv 2510.27222, Sec. 3): ``head(x)``
+    returns the invariant embedding Tensor, ``head(x, task="eq")`` the equivariant one, ``head(x, task=None)``
+    both. ``batch_norm`` switches the experts' hidden BatchNorm. Unlike lightly's head (whose last Linear is
+    followed by a BatchNorm when ``batch_norm=True``), the experts follow STAR: the last layer is a Linear
+    with bias and no BatchNorm. Sizes: see ``expert_hidden_dim`` below.
+
+    Args:
+        input_dim, hidden_dim, output_dim, num_layers, batch_norm: As lightly's head (``hidden_dim`` sizes
+            the parameter budget; ``num_layers >= 2``).
+        num_experts: N.
+        expert_hidden_dim: Hidden width of every expert. Default: the largest width at which the STAR head
+            has at most twice the parameters of lightly's head with the same arguments (the two heads STAR
+            replaces); ``expert_hidden_dim=hidden_dim`` gives the paper's per-expert shape.
+        tasks: Task names.
+        **options: As :class:`MMoEHead` (``norm_layer``, ``act_layer``, router options, ...).
     """
 
     def __init__(
@@ -231,20 +448,22 @@ class STARSimCLRProjectionHead(_DefaultTaskHead):
         batch_norm: bool = True,
         *,
         num_experts: int = 8,
+        expert_hidden_dim: int | None = None,
         tasks: Sequence[str] = ("inv", "eq"),
-        **kwargs: Any,
+        **options: Any,
     ) -> None:
-        expert_kwargs = {"norm_layer": nn.BatchNorm1d if batch_norm else None, **kwargs.pop("expert_kwargs", {})}
         super().__init__(
-            input_dim, hidden_dim, output_dim, num_layers,
-            num_experts=num_experts, tasks=tasks, expert_kwargs=expert_kwargs, **kwargs,
+            input_dim, hidden_dim, output_dim, num_layers, batch_norm, batch_norm,
+            num_experts=num_experts, expert_hidden_dim=expert_hidden_dim, tasks=tasks, **options,
         )
 
 
-class STARVICRegProjectionHead(_DefaultTaskHead):
+class STARVICRegProjectionHead(_LightlyDropIn):
     """Drop-in for lightly's ``VICRegProjectionHead(input_dim=2048, hidden_dim=8192, output_dim=8192,
-    num_layers=3)``; ``head(x)`` returns the invariant embedding Tensor. Mind the memory: N experts of
-    width 8192 hold N times the parameters of lightly's single projector."""
+    num_layers=3)`` (VICReg, arXiv 2105.04906) made a STAR head (arXiv 2510.27222, Sec. 3); ``head(x)``
+    returns the invariant embedding Tensor. Sizes and options as :class:`STARSimCLRProjectionHead`
+    (hidden BatchNorm always, as in lightly).
+    """
 
     def __init__(
         self,
@@ -254,7 +473,11 @@ class STARVICRegProjectionHead(_DefaultTaskHead):
         num_layers: int = 3,
         *,
         num_experts: int = 8,
+        expert_hidden_dim: int | None = None,
         tasks: Sequence[str] = ("inv", "eq"),
-        **kwargs: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(input_dim, hidden_dim, output_dim, num_layers, num_experts=num_experts, tasks=tasks, **kwargs)
+        super().__init__(
+            input_dim, hidden_dim, output_dim, num_layers, True, False,
+            num_experts=num_experts, expert_hidden_dim=expert_hidden_dim, tasks=tasks, **options,
+        )

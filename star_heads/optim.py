@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from star_heads._checks import check_float
 from star_heads.expert_layers import ExpertLayerNorm
 
 __all__ = ["param_groups"]
@@ -34,8 +35,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": no_decay, "weight_decay": 0.0, "names": [...]}]`` — pass it to any ``torch.optim``
         optimiser (``names`` is ignored by them and useful for logging).
     """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    weight_decay = check_float(weight_decay, "weight_decay", minimum=0.0)
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
     decay, no_decay, decay_names, no_decay_names = [], [], [], []
     for name, p in model.named_parameters():

@@ -10,6 +10,7 @@ load-balancing loss in the paper. All T routers are evaluated as one ``Linear(d 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from star_heads._checks import check_float_tensor, check_positive_int
+from star_heads._checks import (
+    check_bool,
+    check_float_tensor,
+    check_int,
+    check_names,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = ["SoftRouter", "RoutingStats", "routing_stats"]
 
@@ -58,14 +66,14 @@ class SoftRouter(nn.Module):
         self.input_dim = check_positive_int(input_dim, "input_dim")
         self.num_experts = check_positive_int(num_experts, "num_experts")
         self.num_tasks = check_positive_int(num_tasks, "num_tasks")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature = check_positive_float(temperature, "temperature")
+        learn_temperature = check_bool(learn_temperature, "learn_temperature")
+        self.conditional = check_bool(conditional, "conditional")
         if top_k is not None:
             check_positive_int(top_k, "top_k")
             if top_k > num_experts:
                 raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.top_k = top_k
-        self.conditional = conditional
         factory = {"device": device, "dtype": dtype}
         if conditional:
             self.linear = nn.Linear(input_dim, num_tasks * num_experts, **factory)
@@ -83,8 +91,15 @@ class SoftRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, task_index: int | None = None) -> torch.Tensor:
         """Gates of every task ``[B, T, N]``, or of task ``task_index`` only as ``[B, 1, N]`` (only its rows
-        of the router are evaluated)."""
+        of the router are evaluated).
+
+        Raises:
+            TypeError: ``x`` is not a float tensor; ``task_index`` is not an int (a bool is not).
+            ValueError: ``x`` is not ``[B, input_dim]``; ``task_index`` is outside ``[0, num_tasks - 1]``.
+        """
         check_float_tensor(x, "x", sizes=(None, self.input_dim))
+        if task_index is not None:
+            check_int(task_index, "task_index", minimum=0, maximum=self.num_tasks - 1)
         n = self.num_experts
         rows = slice(None) if task_index is None else slice(task_index * n, (task_index + 1) * n)
         if self.conditional:
@@ -115,10 +130,10 @@ def _keep_top_k(gates: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RoutingStats:
-    """What users log to see expert specialisation.
+    """What users log to see expert specialisation (STAR, Sec. 5: shared vs task-specific experts).
 
     Attributes:
-        mean_gate: ``[T, N]`` mean gate of each expert for each task (rows sum to 1).
+        mean_gate: ``[T, N]`` mean gate of each expert for each task (rows sum to 1): the expert's load.
         entropy: ``[T]`` mean per-sample gate entropy (nats); 0 = hard routing, log N = uniform.
         effective_experts: ``[T]`` ``exp`` of the entropy of ``mean_gate`` (how many experts a task uses
             over the batch, between 1 and N).
@@ -126,6 +141,7 @@ class RoutingStats:
         task_overlap: ``[N]`` for each expert, the smallest mean gate over tasks divided by the largest
             (1 = used equally by all tasks, i.e. shared; 0 = used by one task only). ``nan``-free: an
             expert no task uses gets 0.
+        tasks: Task names of the T rows (``("0", "1", ...)`` when :func:`routing_stats` was not given them).
     """
 
     mean_gate: torch.Tensor
@@ -133,34 +149,64 @@ class RoutingStats:
     effective_experts: torch.Tensor
     sample_effective_experts: torch.Tensor
     task_overlap: torch.Tensor
+    tasks: tuple[str, ...] = ()
 
-    def as_dict(self, tasks: tuple[str, ...] | None = None) -> dict[str, float | list]:
-        """Plain Python numbers (for JSON / loggers), keyed by task name when ``tasks`` is given."""
-        names = tasks or tuple(str(t) for t in range(self.mean_gate.shape[0]))
-        out: dict[str, float | list] = {}
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """A flat ``{name: float}`` dict that Lightning's ``self.log_dict``, TensorBoard's ``add_scalars`` and
+        W&B's ``log`` take unchanged (no lists, no tensors).
+
+        Keys (``{p}`` is ``prefix``, ``{t}`` a task name, ``{k}`` an expert index)::
+
+            {p}{t}/entropy   {p}{t}/effective_experts   {p}{t}/sample_effective_experts
+            {p}{t}/expert_{k}/load        (the mean gate of expert k for task t)
+            {p}expert_{k}/task_overlap
+
+        Args:
+            prefix: Prepended to every key as given (e.g. ``"train/routing/"``).
+        """
+        if not isinstance(prefix, str):
+            raise TypeError(
+                f"prefix must be a str, got {type(prefix).__name__} {prefix!r} "
+                "(task names now go to routing_stats(gates, tasks=...))"
+            )
+        names = self.tasks or tuple(str(t) for t in range(self.mean_gate.shape[0]))
+        out: dict[str, float] = {}
         for t, name in enumerate(names):
-            out[f"{name}/entropy"] = float(self.entropy[t])
-            out[f"{name}/effective_experts"] = float(self.effective_experts[t])
-            out[f"{name}/mean_gate"] = self.mean_gate[t].tolist()
-        out["task_overlap"] = self.task_overlap.tolist()
+            out[f"{prefix}{name}/entropy"] = float(self.entropy[t])
+            out[f"{prefix}{name}/effective_experts"] = float(self.effective_experts[t])
+            out[f"{prefix}{name}/sample_effective_experts"] = float(self.sample_effective_experts[t])
+            for k, load in enumerate(self.mean_gate[t].tolist()):
+                out[f"{prefix}{name}/expert_{k}/load"] = float(load)
+        for k, overlap in enumerate(self.task_overlap.tolist()):
+            out[f"{prefix}expert_{k}/task_overlap"] = float(overlap)
         return out
 
 
 @torch.no_grad()
-def routing_stats(gates: torch.Tensor) -> RoutingStats:
+def routing_stats(gates: torch.Tensor, tasks: Sequence[str] | None = None) -> RoutingStats:
     """Summarises gates ``[B, T, N]`` (or ``[B, N]`` for one task) computed in float64.
 
     Args:
-        gates: Router outputs, each row a distribution over experts.
+        gates: Router outputs, each row a distribution over experts (e.g. ``head(x, return_gates=True).gates``).
+        tasks: Names of the T tasks, used as keys by :meth:`RoutingStats.as_dict` (e.g. ``head.tasks``).
 
     Returns:
         :class:`RoutingStats`.
+
+    Raises:
+        TypeError: ``gates`` is not a float tensor, ``tasks`` not a sequence of strings.
+        ValueError: wrong shape, an empty batch, or as many task names as tasks.
     """
     check_float_tensor(gates, "gates")
     if gates.ndim == 2:
         gates = gates.unsqueeze(1)
     if gates.ndim != 3 or gates.shape[0] == 0:
         raise ValueError(f"gates must have shape [B, T, N] or [B, N] with B >= 1, got {tuple(gates.shape)}")
+    names = () if tasks is None else check_names(tasks, "tasks")
+    if names and len(names) != gates.shape[1]:
+        raise ValueError(
+            f"tasks has {len(names)} names {names}, but gates have {gates.shape[1]} tasks (shape {tuple(gates.shape)})"
+        )
     g = gates.detach().double()
     plogp = torch.special.xlogy(g, g)  # 0·log 0 = 0
     entropy = -plogp.sum(-1)  # [b, t]
@@ -174,4 +220,5 @@ def routing_stats(gates: torch.Tensor) -> RoutingStats:
         effective_experts=mean_entropy.exp(),
         sample_effective_experts=entropy.exp().mean(0),
         task_overlap=overlap,
+        tasks=names,
     )

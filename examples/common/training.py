@@ -49,9 +49,11 @@ def build_adapter(cfg: dict[str, Any], feat_dim: int, *, distributed: bool = Fal
     cls = {"simclr": adapters.SimCLRAdapter, "vicreg": adapters.VICRegAdapter, "equimod": adapters.EquiModAdapter}
     # cca_every=0: the examples measure CCA(inv, eq) on a fixed held-out set every epoch instead of on
     # training batches (and a resumed run then logs exactly what an uninterrupted one does).
-    kwargs: dict[str, Any] = dict(head=cfg["head"], num_experts=cfg["num_experts"], param_dim=PARAM_DIM,
+    kwargs: dict[str, Any] = dict(head=cfg["head"], param_dim=PARAM_DIM,
                                   lam=cfg["lam"], gather=distributed, predictor=cfg.get("predictor", "star"),
                                   cca_every=0)
+    if cfg["head"] == "star":
+        kwargs["num_experts"] = cfg["num_experts"]
     if cfg["method"] != "vicreg":
         kwargs.update(temperature=cfg["temperature"], eq_temperature=cfg["temperature"])
     return cls[cfg["method"]](feat_dim, **kwargs)

@@ -62,7 +62,7 @@ class JointAdapter(nn.Module):
         input_dim: Backbone feature width d.
         head: ``"star"`` (default), ``"separate"``, ``"shared"``, ``"single"`` or any head module with
             the :class:`~star_heads.TaskHead` interface (tasks ``"inv"`` and, for joint calls, ``"eq"``).
-        num_experts: Experts of the STAR head.
+        num_experts: Experts of the STAR head (default 8); an error for the other head kinds.
         output_dim: Embedding width D.
         hidden_dim: Expert hidden width (default ``input_dim``).
         param_dim: Width of the augmentation parameter vector (11 for STAR; 4 for a quaternion latent).
@@ -83,7 +83,7 @@ class JointAdapter(nn.Module):
         input_dim: int,
         *,
         head: HeadKind | nn.Module = "star",
-        num_experts: int = 8,
+        num_experts: int | None = None,
         output_dim: int = 128,
         hidden_dim: int | None = None,
         param_dim: int = 11,

@@ -6,48 +6,102 @@ from typing import Any, Literal
 
 from torch import nn
 
+from star_heads._checks import check_bool, choices
 from star_heads.baselines import SeparateHeads, SharedSpecificHead
-from star_heads.heads import STARHead, TaskHead
+from star_heads.heads import ROUTER_OPTIONS, STARHead, TaskHead
 
-__all__ = ["HEAD_KINDS", "build_head"]
+__all__ = ["HEAD_KINDS", "HeadKind", "build_head"]
 
 HeadKind = Literal["star", "separate", "shared", "single"]
-HEAD_KINDS: tuple[str, ...] = ("star", "separate", "shared", "single")
+HEAD_KINDS: tuple[str, ...] = choices(HeadKind)
 
 
 def build_head(
     kind: HeadKind | nn.Module,
     input_dim: int,
     *,
-    num_experts: int = 8,
+    num_experts: int | None = None,
     output_dim: int = 128,
     hidden_dim: int | None = None,
     num_layers: int = 3,
-    **kwargs: Any,
+    match_params: bool = False,
+    **options: Any,
 ) -> TaskHead | nn.Module:
     """Returns a head with tasks ``("inv", "eq")`` (``"single"``: ``("inv",)``), or ``kind`` itself if it is a module.
 
     Every kind uses the same expert shape ``input_dim → hidden → hidden → output_dim`` (hidden defaults to
-    ``input_dim``, as in STAR), so ablations differ only in how the tasks share parameters:
+    ``input_dim``, as in STAR, Sec. 4 of arXiv 2510.27222), so ablations differ only in how the tasks share
+    parameters:
 
-    * ``"star"``: :class:`~star_heads.STARHead`, ``num_experts`` experts with one soft router per task;
+    * ``"star"``: :class:`~star_heads.STARHead`, ``num_experts`` (default 8) experts with one soft router per task;
     * ``"separate"``: :class:`~star_heads.SeparateHeads`, one MLP per task (EquiMod-style; for EquiMod's
       exact 2048-wide heads use ``SeparateHeads.equimod``);
     * ``"shared"``: :class:`~star_heads.SharedSpecificHead` (STAR-SS);
     * ``"single"``: one MLP for the invariant task only (the SimCLR / VICReg baseline).
 
+    With ``match_params=True`` a baseline kind is instead sized like the STAR head that the same arguments
+    would build (``build_head("star", input_dim, num_experts=..., hidden_dim=..., ...)``): its hidden width is
+    chosen so that its parameter count is within 5 % and its FLOPs within 10 % of that head's
+    (:meth:`SeparateHeads.param_matched`). ``num_experts``, ``hidden_dim`` and the router options then
+    describe the STAR reference.
+
+    Args:
+        kind: One of :data:`HEAD_KINDS`, or a module returned as is (then no other option may be given).
+        input_dim: Backbone feature size d.
+        num_experts: Experts of a STAR head (default 8); only for ``"star"`` or with ``match_params``.
+        output_dim: Embedding size.
+        hidden_dim: Hidden width (default ``input_dim``).
+        num_layers: Linear layers per expert / MLP.
+        match_params: Size a baseline kind to the STAR head of the same arguments.
+        **options: Flat layer options valid for every kind (``norm_layer``, ``act_layer``,
+            ``last_norm_layer``, ``last_bias``, ``check_finite``, ``device``, ``dtype``) and router options
+            (``temperature``, ``learn_temperature``, ``conditional``, ``top_k``) valid for ``"star"`` or
+            with ``match_params``.
+
     Raises:
-        ValueError: unknown ``kind``.
+        TypeError: wrong type of ``kind`` or of an option, or an unknown option.
+        ValueError: unknown ``kind``, or an option that the kind does not have (the message names the kind).
     """
     if isinstance(kind, nn.Module):
+        given = {"num_experts": num_experts, "hidden_dim": hidden_dim, **options}
+        extra = [k for k, v in given.items() if v is not None] + (["match_params"] if match_params else [])
+        if extra:
+            raise ValueError(f"build_head got a ready-made module, so it takes no options; got {extra}")
         return kind
-    hidden = hidden_dim or input_dim
-    if kind == "star":
-        return STARHead(input_dim, output_dim, num_experts=num_experts, hidden_dim=hidden, num_layers=num_layers, **kwargs)
-    if kind == "separate":
-        return SeparateHeads(input_dim, hidden, output_dim, num_layers, **kwargs)
-    if kind == "shared":
-        return SharedSpecificHead(input_dim, hidden, output_dim, num_layers, **kwargs)
-    if kind == "single":
-        return SeparateHeads(input_dim, hidden, output_dim, num_layers, tasks=("inv",), **kwargs)
-    raise ValueError(f"unknown head kind {kind!r}; expected one of {HEAD_KINDS} or an nn.Module")
+    if not isinstance(kind, str):
+        raise TypeError(f"kind must be one of {HEAD_KINDS} or an nn.Module, got {type(kind).__name__} {kind!r}")
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {kind!r}; expected one of {HEAD_KINDS} or an nn.Module")
+    check_bool(match_params, "match_params")
+    if "tasks" in options:
+        raise TypeError(
+            "build_head fixes the tasks (('inv', 'eq'), or ('inv',) for 'single'); for other tasks build the head "
+            f"class directly, got tasks={options['tasks']!r}"
+        )
+    router = {k: options.pop(k) for k in ROUTER_OPTIONS if k in options}
+    hidden = input_dim if hidden_dim is None else hidden_dim
+    if kind == "star" or match_params:
+        if kind == "star" and match_params:
+            raise ValueError("match_params sizes a baseline against STAR; it does not apply to kind 'star'")
+        star = STARHead(
+            input_dim, output_dim, num_experts=8 if num_experts is None else num_experts, hidden_dim=hidden,
+            num_layers=num_layers, **router, **(options if kind == "star" else _meta(options)),
+        )
+        if kind == "star":
+            return star
+    else:
+        unused = (["num_experts"] if num_experts is not None else []) + sorted(router)
+        if unused:
+            raise ValueError(
+                f"{unused} apply to kind 'star' (or to a baseline sized with match_params=True), not to kind {kind!r}"
+            )
+    tasks = ("inv",) if kind == "single" else ("inv", "eq")
+    cls = SharedSpecificHead if kind == "shared" else SeparateHeads
+    if match_params:
+        return cls.param_matched(star, input_dim, output_dim, num_layers, tasks=tasks, **options)
+    return cls(input_dim, hidden, output_dim, num_layers, tasks=tasks, **options)
+
+
+def _meta(options: dict[str, Any]) -> dict[str, Any]:
+    """The layer options with the head built on the meta device (a reference to count, never run)."""
+    return {**{k: v for k, v in options.items() if k not in ("device", "dtype")}, "device": "meta"}

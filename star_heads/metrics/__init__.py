@@ -1,16 +1,11 @@
 """Redundancy metrics: canonical correlation analysis between two embeddings of the same samples."""
 
-from star_heads.metrics.cca import (
-    DEFAULT_RANK_TOL,
-    CCASampleSizeWarning,
-    canonical_correlations,
-    mean_canonical_correlation,
-    pwcca,
-    svcca,
-)
+from star_heads.metrics.cca import canonical_correlations, mean_canonical_correlation, pwcca, svcca
 from star_heads.metrics.meter import CCAMeter, CCAResult
 from star_heads.metrics.monitor import CCAMonitor
 from star_heads.metrics.null import null_mean_canonical_correlation
+from star_heads.metrics.statistics import CCAStatistics
+from star_heads.metrics.validation import DEFAULT_RANK_TOL, CCASampleSizeWarning, check_views
 
 __all__ = [
     "DEFAULT_RANK_TOL",
@@ -18,7 +13,9 @@ __all__ = [
     "CCAMonitor",
     "CCAResult",
     "CCASampleSizeWarning",
+    "CCAStatistics",
     "canonical_correlations",
+    "check_views",
     "mean_canonical_correlation",
     "null_mean_canonical_correlation",
     "pwcca",

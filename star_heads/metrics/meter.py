@@ -1,32 +1,39 @@
 """Streaming, distributed CCA from float64 sufficient statistics.
 
-Per update, with z = [x − kx, y − ky] ([B, p+q], float64, k a fixed shift = the first batch's mean):
-n += B,  s += Σ_rows z,  M += z^T z  (one GEMM gives Σxx^T, Σyy^T and Σxy^T). The shift keeps the
-centred covariance C = (M − s s^T / n) / (n − 1) accurate when means are large; all statistics
-are sums, so merging two meters or all-reducing across ranks is exact. Memory is O((p + q)²).
+Per update, one GEMM adds the batch's second moments to :class:`~star_heads.metrics.statistics.CCAStatistics`
+(O((p + q)²) memory, no host sync). ``compute`` runs the covariance route of
+:mod:`star_heads.metrics.covariance` — eigendecomposition whitening with the rank cut-off, SVD of the
+p×q whitened cross-covariance — the same core, rank rule and ridge rule as the one-shot
+:func:`~star_heads.metrics.canonical_correlations`. Having only second moments, the meter has no
+QR/SVD fallback: for views whose kept directions span a variance ratio λ_max/λ_min = κ², its error is
+about eps·κ² (≤ 1e-11 for κ² ≤ 1e4; at most ~1e-6 with the default rank_tol, which caps κ² at 1e10).
 
-From C: Cxx = Vx Λx Vx^T (eigh), keep λ_i > rank_tol² · λ_max, and the correlations are
-σ(Fx Λx^{-1/2} Vx^T Cxy Vy Λy^{-1/2} Fy) — the same quantity as the one-shot SVD path
-(:func:`star_heads.metrics.canonical_correlations`), with the same rank and ridge rules.
+Sync semantics follow torchmetrics: ``sync()`` replaces the local statistics by those of all ranks
+and keeps the local ones aside; ``unsync()`` restores them; ``update``/``merge``/``sync`` on a synced
+meter raise, so samples can never be counted twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from star_heads._checks import check_float_tensor, check_positive_int
-from star_heads.metrics.cca import _check_options, check_sample_size, shrink_factors, validate_pair
+from star_heads._checks import check_positive_int
+from star_heads.metrics.covariance import magnitude, view_spectrum, whitened_correlations
 from star_heads.metrics.null import null_mean_canonical_correlation
+from star_heads.metrics.statistics import CCAStatistics
+from star_heads.metrics.validation import check_cca_options, check_keep, check_sample_size, check_views
 
 __all__ = ["CCAMeter", "CCAResult"]
 
 
 @dataclass(frozen=True)
 class CCAResult:
-    """Result of :meth:`CCAMeter.compute`.
+    """Result of :meth:`CCAMeter.compute` (and of :class:`~star_heads.metrics.CCAMonitor`).
 
     Attributes:
         mean: Plain mean of the canonical correlations (0.0 when a view has rank 0).
@@ -35,6 +42,7 @@ class CCAResult:
         rank_y: Effective rank of y.
         n: Number of samples.
         null_mean: Expected mean under a shuffled pairing (same n, ranks and ridge), or None.
+        svcca: SVCCA (Raghu et al., 2017) of the same samples when requested, or None.
     """
 
     mean: float
@@ -43,11 +51,25 @@ class CCAResult:
     rank_y: int
     n: int
     null_mean: float | None = None
+    svcca: float | None = None
 
     @property
     def excess(self) -> float | None:
         """``mean − null_mean``: the part of the redundancy that is not small-sample bias."""
         return None if self.null_mean is None else self.mean - self.null_mean
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Every scalar readout as a flat ``{prefix + name: float}`` dict, for a logger.
+
+        Names: ``mean``, ``null_mean``, ``excess``, ``rank_x``, ``rank_y``, ``n``, ``svcca`` (those
+        that are None are left out, never NaN). Lightning's ``self.log_dict``, TensorBoard's
+        ``add_scalars`` and W&B's ``log`` take it unchanged, e.g. ``result.as_dict("cca/")``.
+        """
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        values = {"mean": self.mean, "null_mean": self.null_mean, "excess": self.excess, "rank_x": self.rank_x,
+                  "rank_y": self.rank_y, "n": self.n, "svcca": self.svcca}
+        return {prefix + k: float(v) for k, v in values.items() if v is not None}
 
 
 class CCAMeter:
@@ -57,13 +79,14 @@ class CCAMeter:
         p: Width of view x.
         q: Width of view y (default p).
         ridge: Relative ridge, as in :func:`~star_heads.metrics.canonical_correlations`.
-        null_baseline: Also report the shuffled-pairing null mean (cached per n, ranks).
+        null_baseline: Also report the shuffled-pairing null mean (cached by the null module).
         rank_tol: Relative singular-value cut-off (None = 1e-5).
         check_finite: Check every batch for NaN/Inf in ``update`` (a device sync). When False,
             non-finite values are detected in ``compute`` instead.
+        svcca_keep: Also report SVCCA keeping this fraction of each view's variance (None = no).
 
-    Statistics live on the device of the first batch, in float64. Picklable; ``merge`` and
-    ``sync`` (all_reduce over torch.distributed) are exact.
+    Statistics live on the device of the first batch, in float64. Picklable; ``merge`` is exact;
+    ``sync`` all-reduces over torch.distributed (see the module docstring for its guard).
     """
 
     def __init__(
@@ -75,116 +98,152 @@ class CCAMeter:
         null_baseline: bool = True,
         rank_tol: float | None = None,
         check_finite: bool = True,
+        svcca_keep: float | None = None,
     ) -> None:
         self.p = check_positive_int(p, "p")
         self.q = self.p if q is None else check_positive_int(q, "q")
-        self.rank_tol = _check_options(ridge, rank_tol)
-        self.ridge = float(ridge)
+        self.ridge, self.rank_tol = check_cca_options(ridge, rank_tol)
+        self.svcca_keep = None if svcca_keep is None else check_keep(svcca_keep, "svcca_keep")
         self.null_baseline = bool(null_baseline)
         self.check_finite = bool(check_finite)
-        self._null_cache: dict[tuple, float] = {}
         self.reset()
 
+    # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Forgets all samples (keeps the device and the options)."""
-        self.n = 0
-        self.shift: torch.Tensor | None = None  # [p + q]
-        self.sum: torch.Tensor | None = None  # [p + q]
-        self.moment: torch.Tensor | None = None  # [p + q, p + q]
+        """Forgets all samples and any sync (keeps the options)."""
+        self.stats: CCAStatistics | None = None
+        self._local: CCAStatistics | None = None  # the rank's own statistics while synced
+        self._synced = False
+
+    @property
+    def n(self) -> int:
+        """Number of samples the statistics hold."""
+        return 0 if self.stats is None else self.stats.n
 
     @property
     def device(self) -> torch.device | None:
-        return None if self.moment is None else self.moment.device
+        return None if self.stats is None else self.stats.device
 
-    def _allocate(self, shift: torch.Tensor) -> None:
-        d = self.p + self.q
-        self.shift = shift
-        self.sum = shift.new_zeros(d)
-        self.moment = shift.new_zeros(d, d)
+    @property
+    def synced(self) -> bool:
+        """True between :meth:`sync` and :meth:`unsync`."""
+        return self._synced
+
+    def _check_not_synced(self, action: str) -> None:
+        if self._synced:
+            raise RuntimeError(f"cannot {action} a synced CCAMeter (it holds every rank's samples): call unsync() first")
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Adds a batch: x [B, p], y [B, q] (same rows, any float dtype); detached, float64, no autocast."""
-        if self.check_finite:
-            x, y = validate_pair(x, y)
-        else:
-            check_float_tensor(x, "x", ndim=2)
-            check_float_tensor(y, "y", ndim=2)
-            if x.shape[0] != y.shape[0] or x.shape[0] == 0 or x.device != y.device:
-                validate_pair(x, y)  # raises the descriptive error
+        x, y = check_views(x, y, finite=False)
         if x.shape[1] != self.p or y.shape[1] != self.q:
             raise ValueError(
                 f"CCAMeter(p={self.p}, q={self.q}) got x {tuple(x.shape)} and y {tuple(y.shape)}: "
                 f"expected x [n, {self.p}] and y [n, {self.q}]"
             )
-        if self.moment is not None and x.device != self.moment.device:
-            raise ValueError(f"CCAMeter statistics are on {self.moment.device}, got a batch on {x.device}")
+        if self.stats is not None and x.device != self.stats.device:
+            raise ValueError(f"CCAMeter statistics are on {self.stats.device}, got a batch on {x.device}")
+        self._check_not_synced("update")
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            z = torch.cat([x.detach().to(torch.float64), y.detach().to(torch.float64)], dim=1)
-            if self.moment is None:
-                self._allocate(z.mean(dim=0))
-            z = z - self.shift
-            self.sum += z.sum(dim=0)
-            self.moment.addmm_(z.T, z)
-            self.n += x.shape[0]
+            tops = torch.stack([magnitude(x).to(torch.float64), magnitude(y).to(torch.float64)])
+            if self.check_finite:  # one host sync; the magnitudes are needed for the scale anyway
+                finite = torch.isfinite(tops).tolist()
+                for name, ok in zip("xy", finite):
+                    if not ok:
+                        raise ValueError(f"{name} contains NaN or Inf values")
+            if self.stats is None:
+                self.stats = CCAStatistics.empty(self.p, self.q, x.device)
+            self.stats.update_(x.detach(), y.detach(), tops)
 
-    def _check_compatible(self, other: CCAMeter) -> None:
+    def merge(self, other: CCAMeter) -> CCAMeter:
+        """Adds ``other``'s samples to this meter (in place; returns self). Exact and associative.
+
+        Raises:
+            TypeError: ``other`` is not a CCAMeter.
+            ValueError: Different widths, or ``other is self`` (merge a ``copy.deepcopy`` to count twice).
+            RuntimeError: Either meter is synced.
+        """
         if not isinstance(other, CCAMeter):
             raise TypeError(f"can only merge a CCAMeter, got {type(other).__name__}")
         if (other.p, other.q) != (self.p, self.q):
             raise ValueError(f"cannot merge CCAMeter(p={other.p}, q={other.q}) into CCAMeter(p={self.p}, q={self.q})")
-
-    def _shifted(self, new_shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum, moment) re-expressed around ``new_shift`` (exact algebra: z' = z + (k − k'))."""
-        d = self.shift.to(new_shift.device) - new_shift
-        s, m = self.sum.to(new_shift.device), self.moment.to(new_shift.device)
-        moment = m + torch.outer(s, d) + torch.outer(d, s) + self.n * torch.outer(d, d)
-        return s + self.n * d, moment
-
-    def merge(self, other: CCAMeter) -> CCAMeter:
-        """Adds ``other``'s samples to this meter (in place; returns self)."""
-        self._check_compatible(other)
-        if other.n == 0:
-            return self
-        if self.n == 0:
-            self._allocate(other.shift.clone().to(self.device or other.device))
-        s, m = other._shifted(self.shift)
-        self.sum += s
-        self.moment += m
-        self.n += other.n
+        if other is self:
+            raise ValueError("cannot merge a CCAMeter into itself (it would count its samples twice); "
+                             "merge copy.deepcopy(meter) if that is what you want")
+        self._check_not_synced("merge into")
+        other._check_not_synced("merge")
+        if other.stats is not None and other.stats.n:
+            with torch.no_grad():
+                if self.stats is None:
+                    self.stats = CCAStatistics.empty(self.p, self.q, other.stats.device)
+                self.stats.add_(other.stats)
         return self
 
+    # ------------------------------------------------------------------ distributed
     def sync(self) -> CCAMeter:
-        """All-reduces the statistics over torch.distributed ranks (no-op when not initialised).
+        """Replaces the statistics by those of all torch.distributed ranks (returns self).
 
-        Every rank must call it; afterwards every rank holds the statistics of all samples.
-        Ranks re-centre on a common shift first, so the sums are exact. Syncing twice counts
-        the samples twice: to keep accumulating locally, sync a copy
-        (``copy.deepcopy(meter).sync().compute()``), as :class:`~star_heads.metrics.CCAMonitor` does.
+        Every rank must call it. The local statistics are kept aside until :meth:`unsync`; a synced
+        meter refuses ``update``, ``merge`` and a second ``sync``, so no sample is counted twice.
+        Without an initialised process group (or with one rank) the statistics stay as they are,
+        but the guard applies all the same.
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self
-        device = self.device or (torch.device("cuda", torch.cuda.current_device())
-                                 if dist.get_backend() == "nccl" else torch.device("cpu"))
-        d = self.p + self.q
-        if self.moment is None:
-            self._allocate(torch.zeros(d, dtype=torch.float64, device=device))
-        head = torch.cat([self.shift * (self.n > 0), torch.tensor([float(self.n > 0), float(self.n)],
-                                                                   dtype=torch.float64, device=device)])
-        dist.all_reduce(head)
-        ranks_with_data, total = head[d].item(), int(head[d + 1].item())
-        common = head[:d] / max(ranks_with_data, 1.0)
-        s, m = self._shifted(common)
-        dist.all_reduce(s)
-        dist.all_reduce(m)
-        self.shift, self.sum, self.moment, self.n = common, s, m, total
+        self._check_not_synced("sync")
+        local = self.stats
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            with torch.no_grad():
+                self.stats = self._all_reduce(local)
+        self._local, self._synced = local, True
         return self
 
+    def unsync(self) -> CCAMeter:
+        """Restores this rank's own statistics after :meth:`sync` (returns self)."""
+        if not self._synced:
+            raise RuntimeError("CCAMeter.unsync() called on a meter that is not synced")
+        self.stats, self._local, self._synced = self._local, None, False
+        return self
+
+    @contextmanager
+    def sync_context(self) -> Iterator[CCAMeter]:
+        """``with meter.sync_context(): result = meter.compute()`` — synced inside, local again after."""
+        self.sync()
+        try:
+            yield self
+        finally:
+            self.unsync()
+
+    def _all_reduce(self, local: CCAStatistics | None) -> CCAStatistics:
+        if local is not None:
+            device = local.device
+        elif dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        st = (CCAStatistics.empty(self.p, self.q, device) if local is None else local.to(device))
+        exponent = st.exponent.clone()
+        dist.all_reduce(exponent, op=dist.ReduceOp.MAX)  # common scale ...
+        st.rescale_(exponent)
+        has = float(st.n > 0)
+        head = torch.cat([st.shift * has, st.shift.new_tensor([has, float(st.n)])])
+        dist.all_reduce(head)  # ... and common shift: the mean of the ranks' shifts
+        d = self.p + self.q
+        st.recentre_(head[:d] / max(float(head[d]), 1.0))
+        sums = torch.cat([st.total, st.moment.flatten()])
+        dist.all_reduce(sums)
+        st.n, st.total, st.moment = int(head[d + 1]), sums[:d], sums[d:].view(d, d)
+        return st
+
+    # ------------------------------------------------------------------ results
     def covariance(self) -> torch.Tensor:
-        """Centred covariance of [x, y], [(p + q), (p + q)] float64 (unbiased, divides by n − 1)."""
+        """Centred covariance of [x, y], [(p + q), (p + q)] float64 (unbiased, divides by n − 1).
+
+        In the input's units: entries overflow to inf for views beyond ~1e154 (the CCA itself does not).
+        """
         if self.n < 2:
             raise ValueError(f"CCAMeter needs at least 2 samples to compute a covariance, has n={self.n}")
-        mean = self.sum / self.n
-        return (self.moment - self.n * torch.outer(mean, mean)) / (self.n - 1)
+        st = self.stats
+        e = st.columns(st.exponent)
+        return torch.ldexp(st.centred_gram() / (st.n - 1), e[:, None] + e[None, :])
 
     def compute(self) -> CCAResult:
         """Canonical correlations of everything seen since the last reset (or merged / synced).
@@ -193,38 +252,26 @@ class CCAMeter:
             ValueError: n − 1 <= max(p, q), or the accumulated data contained NaN/Inf.
         """
         check_sample_size(self.n, self.p, self.q)
-        if not (bool(torch.isfinite(self.moment).all()) and bool(torch.isfinite(self.sum).all())):
-            raise ValueError(
-                f"CCAMeter statistics are not finite after n={self.n} samples: some batch contained NaN/Inf "
-                "(or values beyond ±1e150)"
-            )
-        with torch.no_grad():
-            cov = self.covariance()
-            p = self.p
-            wx, fx = self._whitener(cov[:p, :p])
-            wy, fy = self._whitener(cov[p:, p:])
-            t = (wx.T @ cov[:p, p:] @ wy) * fx[:, None] * fy[None, :]
-            rho = torch.linalg.svdvals(t).clamp_(0.0, 1.0) if min(t.shape) else t.new_zeros(0)
-        mean = float(rho.mean()) if rho.numel() else 0.0
-        null = self._null(fx, fy) if self.null_baseline else None
-        return CCAResult(mean=mean, correlations=rho, rank_x=wx.shape[1], rank_y=wy.shape[1], n=self.n, null_mean=null)
-
-    def _whitener(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V_r Λ_r^{-1/2}, ridge shrinkage) of one view's covariance, rank cut-off applied."""
-        evals, evecs = torch.linalg.eigh(c)
-        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
-        sv = evals.sqrt()  # proportional to the singular values of the centred view
-        rank = int((sv > self.rank_tol * sv[0]).sum()) if sv[0] > 0 else 0
-        return evecs[:, :rank] * evals[:rank].rsqrt(), shrink_factors(sv, rank, self.ridge, c.shape[0])
-
-    def _null(self, fx: torch.Tensor, fy: torch.Tensor) -> float:
-        key = (self.n, fx.numel(), fy.numel()) if self.ridge == 0 else None
-        if key is not None and key in self._null_cache:
-            return self._null_cache[key]
-        value = null_mean_canonical_correlation(self.n, fx, fy)
-        if key is not None:
-            self._null_cache[key] = value
-        return value
+        st = self.stats
+        if not st.is_finite():
+            raise ValueError(f"CCAMeter statistics are not finite after n={st.n} samples: some batch contained NaN/Inf")
+        p = self.p
+        with torch.no_grad(), torch.autocast(st.device.type, enabled=False):
+            gram = st.centred_gram()
+            sx, sy = view_spectrum(gram[:p, :p], self.rank_tol), view_spectrum(gram[p:, p:], self.rank_tol)
+            fx, fy = sx.shrink(self.ridge), sy.shrink(self.ridge)
+            rho = whitened_correlations(gram[:p, p:], sx.whitener(), sy.whitener(), fx, fy)
+            svcca = None
+            if self.svcca_keep is not None:
+                rx = min(sx.rank, sx.variance_rank(self.svcca_keep))
+                ry = min(sy.rank, sy.variance_rank(self.svcca_keep))
+                sv = whitened_correlations(gram[:p, p:], sx.whitener(rx), sy.whitener(ry))
+                svcca = min(float(sv.mean()), 1.0) if sv.numel() else 0.0
+        mean = min(float(rho.mean()), 1.0) if rho.numel() else 0.0  # a mean of values <= 1 can round above 1
+        null = null_mean_canonical_correlation(st.n, fx, fy) if self.null_baseline else None
+        return CCAResult(mean=mean, correlations=rho, rank_x=sx.rank, rank_y=sy.rank, n=st.n, null_mean=null,
+                         svcca=svcca)
 
     def __repr__(self) -> str:
-        return f"CCAMeter(p={self.p}, q={self.q}, ridge={self.ridge}, n={self.n}, device={self.device})"
+        return (f"CCAMeter(p={self.p}, q={self.q}, ridge={self.ridge}, n={self.n}, device={self.device}"
+                + (", synced" if self._synced else "") + ")")

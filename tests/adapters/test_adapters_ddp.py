@@ -17,7 +17,7 @@ class _Model(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.backbone = nn.Linear(6, 12)
-        head = STARHead(12, 8, num_experts=3, expert_kwargs={"norm_layer": None})
+        head = STARHead(12, 8, num_experts=3, norm_layer=None)
         pred = EquivariantPredictor(8, 11, hidden_dim=16, norm_layer=nn.Identity)
         self.adapter = cls(12, head=head, predictor=pred, gather=True, cca_every=1)
 

@@ -103,10 +103,70 @@ def test_routing_stats_against_numpy(b, t, n, hard):
 def test_routing_stats_specialised_vs_shared():
     # task 0 uses experts {0, 1}, task 1 uses {1, 2}: expert 1 is shared, 0 and 2 are task-specific
     g = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]]]).repeat(4, 1, 1)
-    s = routing_stats(g)
+    s = routing_stats(g, tasks=("inv", "eq"))
     torch.testing.assert_close(s.task_overlap, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(s.effective_experts, torch.full((2,), 2.0, dtype=torch.float64))
-    d = s.as_dict(("inv", "eq"))
-    assert d["inv/effective_experts"] == pytest.approx(2.0) and d["task_overlap"] == [0.0, 1.0, 0.0]
+    d = s.as_dict()
+    assert d["inv/effective_experts"] == pytest.approx(2.0)
+    assert [d[f"expert_{k}/task_overlap"] for k in range(3)] == [0.0, 1.0, 0.0]
+    assert [d[f"eq/expert_{k}/load"] for k in range(3)] == [0.0, 0.5, 0.5]
     with pytest.raises(ValueError, match=r"\[B, T, N\]"):
         routing_stats(torch.rand(2, 2, 2, 2))
+
+
+@given(b=st.integers(1, 6), t=st.integers(1, 3), n=st.integers(1, 5))
+def test_as_dict_is_flat_python_floats_with_every_statistic(b, t, n):
+    torch.manual_seed(b + 10 * t + 100 * n)
+    g = torch.softmax(torch.randn(b, t, n), -1)
+    names = tuple(f"task{i}" for i in range(t))
+    s = routing_stats(g, tasks=names)
+    d = s.as_dict(prefix="train/routing/")
+    assert all(type(v) is float for v in d.values()) and all(isinstance(k, str) for k in d)
+    assert len(d) == t * (3 + n) + n and all(k.startswith("train/routing/") for k in d)
+    for i, name in enumerate(names):
+        assert d[f"train/routing/{name}/entropy"] == pytest.approx(float(s.entropy[i]))
+        assert d[f"train/routing/{name}/sample_effective_experts"] == pytest.approx(float(s.sample_effective_experts[i]))
+        loads = [d[f"train/routing/{name}/expert_{k}/load"] for k in range(n)]
+        np.testing.assert_allclose(loads, g[:, i].double().mean(0).numpy(), rtol=1e-12)
+    # without names the tasks are numbered
+    assert f"{t - 1}/entropy" in routing_stats(g).as_dict()
+
+
+def test_as_dict_feeds_tensorboard_add_scalars(tmp_path):
+    tensorboard = pytest.importorskip("torch.utils.tensorboard")
+    d = routing_stats(torch.softmax(torch.randn(4, 2, 3), -1), tasks=("inv", "eq")).as_dict()
+    with tensorboard.SummaryWriter(str(tmp_path)) as writer:
+        writer.add_scalars("routing", d, global_step=0)
+        for k, v in d.items():
+            writer.add_scalar(k, v, 0)
+
+
+def test_routing_stats_bad_arguments():
+    g = torch.softmax(torch.randn(4, 2, 3), -1)
+    with pytest.raises(ValueError, match=r"tasks has 1 names \('inv',\), but gates have 2 tasks"):
+        routing_stats(g, tasks=("inv",))
+    with pytest.raises(TypeError, match="tasks must be a sequence of strings"):
+        routing_stats(g, tasks="inv")
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        routing_stats(g).as_dict(("inv", "eq"))
+    with pytest.raises(ValueError, match="B >= 1"):
+        routing_stats(torch.rand(0, 2, 3))
+
+
+def test_task_index_is_validated():
+    router = SoftRouter(3, 4, 2)
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"task_index must be <= 1, got 7"):
+        router(x, task_index=7)
+    with pytest.raises(ValueError, match=r"task_index must be >= 0, got -1"):
+        router(x, task_index=-1)
+    with pytest.raises(TypeError, match="task_index must be an int, got bool"):
+        router(x, task_index=True)
+    with pytest.raises(TypeError, match="temperature must be a real number, got str"):
+        SoftRouter(3, 4, temperature="1")
+    with pytest.raises(ValueError, match="temperature must be a finite number, got inf"):
+        SoftRouter(3, 4, temperature=float("inf"))
+    with pytest.raises(TypeError, match="num_experts must be an int, got bool"):
+        SoftRouter(3, True)
+    with pytest.raises(TypeError, match="conditional must be a bool"):
+        SoftRouter(3, 4, conditional=0)

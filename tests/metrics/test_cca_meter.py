@@ -1,5 +1,6 @@
 """CCAMeter: streaming == one-shot, merge / sync exactness, null baseline, errors, DDP with gloo."""
 
+import copy
 import pickle
 
 import numpy as np
@@ -19,6 +20,7 @@ from star_heads.metrics import (
     canonical_correlations,
     mean_canonical_correlation,
     null_mean_canonical_correlation,
+    svcca,
 )
 
 
@@ -210,14 +212,107 @@ def test_compute_errors_and_bad_construction():
         CCAMeter(3, ridge=-1.0)
 
 
-def test_sync_without_distributed_is_a_no_op():
+def test_sync_without_distributed_keeps_the_statistics_but_guards():
     x, y = _data(11)
     meter = _fed(x, y, [600])
-    assert meter.sync() is meter and meter.n == 600
+    before = meter.compute().correlations
+    assert meter.sync() is meter and meter.n == 600 and meter.synced
+    torch.testing.assert_close(meter.compute().correlations, before, atol=0, rtol=0)
+    for action in (lambda: meter.sync(), lambda: meter.update(x[:10], y[:10]), lambda: meter.merge(_fed(x, y, [10])),
+                   lambda: CCAMeter(7, 5).merge(meter)):
+        with pytest.raises(RuntimeError, match="unsync"):
+            action()
+    assert meter.unsync() is meter and not meter.synced and meter.n == 600
+    with pytest.raises(RuntimeError, match="not synced"):
+        meter.unsync()
+    with meter.sync_context() as synced:
+        assert synced.synced and synced.compute().n == 600
+    assert not meter.synced
+    meter.update(x[:10], y[:10])
+    assert meter.n == 610
+
+
+def test_self_merge_is_refused_and_a_copy_counts_twice():
+    x, y = _data(13)
+    meter = _fed(x, y, [600])
+    with pytest.raises(ValueError, match="into itself"):
+        meter.merge(meter)
+    assert meter.n == 600
+    doubled = meter.merge(copy.deepcopy(meter))
+    assert doubled.n == 1200
+    ref = canonical_correlations(torch.cat([x, x]), torch.cat([y, y]))
+    torch.testing.assert_close(doubled.compute().correlations, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("scale_x,scale_y", [(1e-200, 1e-200), (1e200, 1e200), (1e-200, 1e200), (1e-300, 1e300)])
+def test_meter_is_scale_invariant_over_float64(scale_x, scale_y):
+    x, y = _data(14)
+    ref = canonical_correlations(x, y)
+    r = _fed(x * scale_x, y * scale_y, [100, 250, 250], svcca_keep=0.99).compute()
+    torch.testing.assert_close(r.correlations, ref, atol=1e-10, rtol=0)
+    assert r.svcca == pytest.approx(float(svcca(x, y, keep=0.99)), abs=1e-10)
+    assert r.null_mean == _fed(x, y, [600]).compute().null_mean
+
+
+def test_meter_follows_a_scale_that_changes_between_batches():
+    x, y = _data(15)
+    # batches whose magnitudes differ by up to 1e300: the statistics are re-scaled by exact powers of two
+    for factors in [(1e-150, 1.0, 1e150), (1e150, 1.0, 1e-150), (0.0, 1e-200, 1e-200)]:
+        xs = torch.cat([x[:200] * factors[0], x[200:400] * factors[1], x[400:] * factors[2]])
+        meter = _fed(xs, y, [200, 200, 200], null_baseline=False)
+        split = [_fed(xs[k:k + 200], y[k:k + 200], [200]) for k in (0, 200, 400)]
+        merged = CCAMeter(7, 5, null_baseline=False).merge(split[2]).merge(split[0]).merge(split[1])
+        ref = canonical_correlations(xs, y)  # (a zero batch is data too: rows at the origin)
+        assert ref.numel() == 5
+        torch.testing.assert_close(meter.compute().correlations, ref, atol=1e-9, rtol=0)
+        torch.testing.assert_close(merged.compute().correlations, ref, atol=1e-9, rtol=0)
+
+
+def test_svcca_from_the_meter_matches_the_one_shot_function():
+    g = np.random.default_rng(8)
+    x = g.standard_normal((500, 20)) * np.geomspace(10, 0.01, 20)
+    y = np.concatenate([x[:, :3] + 0.1 * g.standard_normal((500, 3)), g.standard_normal((500, 5))], axis=1)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    for keep in (0.5, 0.9, 0.99, 1.0):
+        r = _fed(xt, yt, [123, 377], svcca_keep=keep).compute()
+        assert r.svcca == pytest.approx(float(svcca(xt, yt, keep=keep)), abs=1e-9)
+    assert _fed(xt, yt, [500]).compute().svcca is None
+    with pytest.raises(ValueError, match="keep"):
+        CCAMeter(3, svcca_keep=0.0)
+
+
+def test_null_baseline_is_cached_by_the_null_module():
+    from star_heads.metrics import null as null_module
+
+    x, y = _data(16)
+    _fed(x, y, [600]).compute()
+    hits = null_module._unit_null.cache_info().hits
+    again = _fed(x, y, [300, 300]).compute()  # another meter: same n and ranks
+    assert null_module._unit_null.cache_info().hits == hits + 1
+    assert again.null_mean == null_mean_canonical_correlation(600, torch.ones(7), torch.ones(5))
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        ({"draws": 0}, ValueError, "draws must be >= 1, got 0"),
+        ({"draws": 2.5}, TypeError, "draws must be an int"),
+        ({"seed": -1}, ValueError, "seed must be >= 0"),
+        ({"n": 0}, ValueError, "n must be >= 1"),
+        ({"n": 5}, ValueError, "n - 1 > rank"),
+        ({"shrink_x": torch.full((3,), 2.0)}, ValueError, r"shrink_x must hold shrinkage factors in \[0, 1\]"),
+        ({"shrink_y": [1.0, 1.0]}, TypeError, "shrink_y must be a 1-D float tensor"),
+    ],
+)
+def test_null_baseline_rejects_bad_arguments(kwargs, err, match):
+    args = {"n": 100, "shrink_x": torch.ones(5), "shrink_y": torch.ones(3)} | kwargs
+    with pytest.raises(err, match=match):
+        null_mean_canonical_correlation(args.pop("n"), args.pop("shrink_x"), args.pop("shrink_y"), **args)
 
 
 # ---------------------------------------------------------------- DDP (2 gloo processes)
 def _ddp_worker(rank, world_size, x, y):
+    x = x * 1e-200  # far below float64's square root: the statistics must be pre-scaled
     half = x.shape[0] // world_size
     lo, hi = rank * half, (rank + 1) * half
     meter = CCAMeter(x.shape[1], y.shape[1])
@@ -232,13 +327,23 @@ def _ddp_worker(rank, world_size, x, y):
     out = monitor.update(x[lo:lo + 150], y[lo:lo + 150])
     assert out is None
     out = monitor.update(x[lo + 150:lo + 300], y[lo + 150:lo + 300])
-    return {"meter": meter.sync().compute(), "empty": empty.sync().compute(), "monitor": out,
-            "initialised": dist.is_initialized()}
+    short = CCAMonitor(every=1, null_baseline=False)  # 10 rows per rank and step; 2(p + q) = 24 over both ranks
+    short_outs = [short.update(x[lo + 10 * k:lo + 10 * k + 10], y[lo + 10 * k:lo + 10 * k + 10]) for k in range(2)]
+    local_n = meter.n
+    result = meter.sync().compute()
+    try:
+        meter.sync()
+    except RuntimeError as err:
+        guard = str(err)
+    meter.unsync()
+    return {"meter": result, "empty": empty.sync().compute(), "monitor": out, "guard": guard,
+            "local_n_after_unsync": meter.n == local_n, "short": short_outs, "initialised": dist.is_initialized()}
 
 
 @pytest.mark.distributed
 def test_ddp_sync_equals_single_process_on_concatenated_data():
     x, y = _data(12, n=1200)
+    x[700] *= 1e3  # an outlier on rank 1 only: the ranks' scale exponents differ
     results = run_distributed(_ddp_worker, world_size=2, args=(x, y))
     full_x = torch.cat([x, x[0:1], x[600:601]])
     full_y = torch.cat([y, y[0:1], y[600:601]])
@@ -252,6 +357,11 @@ def test_ddp_sync_equals_single_process_on_concatenated_data():
         torch.testing.assert_close(r["empty"].correlations, canonical_correlations(x[:100], y[:100]), atol=1e-10, rtol=0)
         assert r["monitor"].n == 600
         torch.testing.assert_close(r["monitor"].correlations, mon_ref, atol=1e-10, rtol=0)
+        assert "cannot sync a synced CCAMeter" in r["guard"] and r["local_n_after_unsync"]
+        assert r["short"][0] is None and r["short"][1].n == 40  # both ranks decide on the global count
+        short_idx = torch.cat([torch.arange(0, 20), torch.arange(600, 620)])
+        torch.testing.assert_close(r["short"][1].correlations, canonical_correlations(x[short_idx], y[short_idx]),
+                                   atol=1e-10, rtol=0)
     assert results[0]["meter"].mean == results[1]["meter"].mean
     assert results[0]["meter"].null_mean == results[1]["meter"].null_mean
 

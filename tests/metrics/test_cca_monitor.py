@@ -1,9 +1,11 @@
 """CCAMonitor: results every `every` steps over the right window, detaching, logging, errors."""
 
+import warnings
+
 import pytest
 import torch
 
-from star_heads.metrics import CCAMonitor, CCAResult, canonical_correlations
+from star_heads.metrics import CCAMonitor, CCAResult, CCASampleSizeWarning, canonical_correlations, svcca
 
 
 def _steps(k, b=64, p=6, q=4, seed=0):
@@ -83,9 +85,16 @@ def test_bad_arguments_and_inputs():
     monitor.update(torch.randn(64, 6), torch.randn(64, 4))
     with pytest.raises(ValueError, match=r"expected x \[n, 6\]"):
         monitor.update(torch.randn(64, 5), torch.randn(64, 4))
+    monitor.update(torch.randn(64, 6), torch.randn(64, 4))  # a result: the next step starts a new chunk
+    with pytest.raises(ValueError, match=r"expected x \[n, 6\] and y \[n, 4\]"):
+        monitor.update(torch.randn(64, 6), torch.randn(64, 3))
     with pytest.raises(ValueError, match="same number of samples"):
         monitor.update(torch.randn(64, 6), torch.randn(63, 4))
-    assert monitor.steps == 1  # rejected steps are not counted
+    assert monitor.steps == 2  # rejected steps are not counted
+    with pytest.raises(TypeError, match="log must be a callable"):
+        CCAMonitor(log="print")
+    with pytest.raises(TypeError, match="ridge must be a float"):
+        CCAMonitor(ridge="0.1")
 
 
 def test_non_finite_embeddings_raise_at_the_reporting_step():
@@ -95,7 +104,74 @@ def test_non_finite_embeddings_raise_at_the_reporting_step():
         monitor.update(torch.randn(64, 3), torch.randn(64, 3))
 
 
-def test_too_small_window_raises_with_needed_n():
+def test_short_window_accumulates_until_enough_samples_and_warns_once():
+    batches = _steps(12, b=8, p=8, q=4)  # need 2(p + q) = 24 samples: 3 steps of 8 rows
     monitor = CCAMonitor(every=1)
-    with pytest.raises(ValueError, match=r"n=8 .*need n >= 10"):
-        monitor.update(torch.randn(8, 8), torch.randn(8, 4))
+    with pytest.warns(CCASampleSizeWarning, match=r"n=8 samples.*needs n >= 24.*said once") as record:
+        outs = [monitor.update(x, y) for x, y in batches[:3]]
+    assert len(record) == 1
+    assert outs[:2] == [None, None] and outs[2].n == 24
+    torch.testing.assert_close(outs[2].correlations, _ref(batches[:3]), atol=1e-10, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: no second warning, and 24 rows raise no bias warning either
+        later = [monitor.update(x, y) for x, y in batches[3:]]
+    # afterwards the window slides over the last steps that hold >= 24 samples: 3 steps
+    assert all(o is not None and o.n == 24 for o in later)
+    torch.testing.assert_close(later[-1].correlations, _ref(batches[-3:]), atol=1e-10, rtol=0)
+
+
+def test_min_samples_and_a_window_shorter_than_needed():
+    batches = _steps(6, b=10, p=6, q=4)
+    monitor = CCAMonitor(every=2, min_samples=30, null_baseline=False)
+    with pytest.warns(CCASampleSizeWarning, match="needs n >= 30"):
+        outs = [monitor.update(x, y) for x, y in batches]
+    assert [o is None for o in outs] == [True, True, True, False, True, False]
+    assert outs[3].n == 40 and outs[5].n == 40  # whole `every` chunks: 4 steps
+    torch.testing.assert_close(outs[5].correlations, _ref(batches[2:6]), atol=1e-10, rtol=0)
+    assert CCAMonitor(min_samples=1).needed_samples(6, 4) == 8  # never below max(p, q) + 2
+    with pytest.raises(ValueError, match="min_samples must be >= 1"):
+        CCAMonitor(min_samples=0)
+
+
+def test_readouts_as_flat_dict_of_floats():
+    batches = _steps(2, b=128)
+    out = None
+    monitor = CCAMonitor(every=2, svcca_keep=0.99)
+    for x, y in batches:
+        out = monitor.update(x, y)
+    d = out.as_dict("cca/")
+    assert set(d) == {"cca/mean", "cca/null_mean", "cca/excess", "cca/rank_x", "cca/rank_y", "cca/n", "cca/svcca"}
+    assert all(type(v) is float for v in d.values())
+    assert d["cca/mean"] == out.mean and d["cca/excess"] == pytest.approx(out.mean - out.null_mean)
+    assert (d["cca/rank_x"], d["cca/rank_y"], d["cca/n"]) == (6.0, 4.0, 256.0)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert d["cca/svcca"] == pytest.approx(float(svcca(x, y, keep=0.99)), abs=1e-10)
+    bare = CCAMonitor(every=2, null_baseline=False)
+    for x, y in batches:
+        out = bare.update(x, y)
+    assert set(out.as_dict()) == {"mean", "rank_x", "rank_y", "n"}  # absent readouts are left out, never NaN
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        out.as_dict(1)
+
+
+def test_as_dict_goes_into_tensorboard_unchanged(tmp_path):
+    tb = pytest.importorskip("torch.utils.tensorboard")
+    monitor = CCAMonitor(every=1)
+    result = monitor.update(torch.randn(64, 4), torch.randn(64, 4))
+    writer = tb.SummaryWriter(str(tmp_path))
+    writer.add_scalars("cca", result.as_dict(), global_step=1)
+    writer.close()
+    assert any(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_update_does_not_sync_with_the_host(monkeypatch):
+    monitor = CCAMonitor(every=3)
+    x, y = torch.randn(64, 6), torch.randn(64, 4)
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: calls.append(_n) or _o(self, *a))
+    monitor.update(x, y)
+    monitor.update(x, y)
+    monkeypatch.undo()
+    assert calls == []

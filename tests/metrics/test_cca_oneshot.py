@@ -240,3 +240,71 @@ def test_option_of_wrong_type_raises_type_error(kw):
 def test_svcca_bad_keep(keep, err):
     with pytest.raises(err, match="keep"):
         svcca(torch.randn(20, 2), torch.randn(20, 2), keep=keep)
+
+
+# ---------------------------------------------------------------- covariance route vs QR/SVD fallback
+def _conditioned(seed, spread, n=2000, p=24, q=16):
+    """x with eigenvalue spread λ_max/λ_min = ``spread`` (singular values geometric), y correlated with it."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.standard_normal((n, p))
+    y = np.concatenate([0.7 * x0[:, :q // 2] + rng.standard_normal((n, q // 2)), rng.standard_normal((n, q - q // 2))], 1)
+    qa, _ = np.linalg.qr(rng.standard_normal((p, p)))
+    qb, _ = np.linalg.qr(rng.standard_normal((p, p)))
+    a = qa @ np.diag(np.geomspace(1.0, spread ** -0.5, p)) @ qb.T
+    return x0 @ a + 5.0, y
+
+
+@pytest.mark.parametrize("spread", [1e2, 1e5, 0.9e6, 1e8, 1e10])
+def test_any_conditioning_stays_within_1e10_of_the_oracle(spread):
+    x, y = _conditioned(int(np.log10(spread)), spread)
+    got = canonical_correlations(_t(x), _t(y)).numpy()
+    np.testing.assert_allclose(got, cca_orth(x, y), atol=1e-10)
+
+
+def test_route_choice_follows_the_spectrum(monkeypatch):
+    from star_heads.metrics import cca as cca_module
+
+    calls = []
+    original = cca_module._cross
+    monkeypatch.setattr(cca_module, "_cross", lambda *a: calls.append(1) or original(*a))
+    for spread, fallback in [(1e4, False), (0.9e6, False), (1e8, True)]:
+        calls.clear()
+        x, y = _conditioned(0, spread)
+        canonical_correlations(_t(x), _t(y))
+        assert bool(calls) is fallback, spread
+    x, y = _data(1, 500, 8, 6)
+    small = torch.randn(500, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    near_cut = torch.cat([x, small * 3e-5 * float(x.std())], dim=1)  # an independent direction just above the cut-off
+    calls.clear()
+    assert canonical_correlations(near_cut, y).shape == (6,) and calls  # kept but ill-conditioned: fallback
+    calls.clear()
+    canonical_correlations(torch.cat([x, x[:, :2] * 3.0], dim=1), y)  # exact duplicates: clearly dropped
+    assert not calls
+    calls.clear()
+    canonical_correlations(x, y, rank_tol=0.0)  # full rank and well conditioned: covariance route
+    assert not calls
+
+
+def test_rank_cut_off_decisions_match_the_svd_of_the_data():
+    x, y = _data(2, 800, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(800, 3, generator=g, dtype=torch.float64)
+    for rel, kept in [(3e-5, True), (3e-6, False), (1e-9, False)]:
+        xd = torch.cat([x, noise * rel * float(x.std())], dim=1)
+        s = torch.linalg.svdvals(xd - xd.mean(0))
+        assert bool((s > 1e-5 * s[0]).sum() == 9) is kept
+        got = canonical_correlations(xd, y)
+        np.testing.assert_allclose(got.numpy(), cca_orth(xd.numpy(), y.numpy()), atol=1e-10)
+
+
+@pytest.mark.parametrize("scale_x,scale_y", [(1e-200, 1e-200), (1e200, 1e200), (1e-200, 1e200), (1e-300, 1e300)])
+def test_every_entry_point_is_scale_invariant_over_float64(scale_x, scale_y):
+    x, y = _data(5, 300, 6, 6)
+    xs, ys = x * scale_x, y * scale_y
+    torch.testing.assert_close(canonical_correlations(xs, ys), canonical_correlations(x, y), atol=1e-12, rtol=0)
+    assert float(svcca(xs, ys)) == pytest.approx(float(svcca(x, y)), abs=1e-12)
+    assert float(svcca(xs, ys)) == pytest.approx(svcca_oracle(x.numpy(), y.numpy()), abs=1e-12)
+    assert float(pwcca(xs, ys)) == pytest.approx(float(pwcca(x, y)), abs=1e-12)
+    assert float(svcca(xs, ys)) > 0.1 and float(pwcca(xs, ys)) > 0.1
+    reg = canonical_correlations(xs, ys, ridge=0.2)
+    torch.testing.assert_close(reg, canonical_correlations(x, y, ridge=0.2), atol=1e-12, rtol=0)

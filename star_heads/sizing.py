@@ -1,0 +1,111 @@
+"""Parameter and FLOP counts of heads, and hidden widths chosen to meet a parameter budget.
+
+Counts used throughout the package (and in the tables of ``docs/heads.md``):
+
+* **parameters** — every parameter of the module: weights, biases, norm affine weights, router weights
+  and biases, a learned temperature (buffers such as BatchNorm running statistics are not counted);
+* **FLOPs** — multiply-adds per sample of the Linear layers: ``in · out`` for each ``nn.Linear``,
+  ``N · in · out`` for each fused :class:`~star_heads.expert_layers.ExpertLinear`, routers included (a
+  conditional STAR router is ``Linear(d → T·N)``, so ``d · T · N``). Norms, activations and the gate
+  mixture ``Σ_k s_{t,k} E_k(x)`` (``T · N · o`` multiply-adds) are not counted: they are
+  ``O(width)`` next to the ``O(width²)`` Linears.
+
+Hidden widths are found by building candidate heads on the ``meta`` device (no memory, no
+initialisation cost) and bisecting on the exact parameter count, so every option (norms, biases,
+router settings) is accounted for without a hand-written formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from torch import nn
+
+from star_heads._checks import check_choice, check_positive_int
+from star_heads.expert_layers import ExpertLinear
+
+__all__ = ["count_parameters", "linear_macs", "fit_width", "PARAM_RTOL", "FLOP_RTOL"]
+
+PARAM_RTOL = 0.05
+"""Relative tolerance of a parameter-matched baseline's parameter count."""
+FLOP_RTOL = 0.10
+"""Relative tolerance of a parameter-matched baseline's FLOP count (:func:`linear_macs`)."""
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of scalars in all parameters of ``module`` (trainable or not; shared ones counted once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def linear_macs(module: nn.Module) -> int:
+    """Multiply-adds per sample of every Linear layer in ``module`` (fused expert layers and routers included).
+
+    Counts ``in · out`` per ``nn.Linear`` and ``N · in · out`` per
+    :class:`~star_heads.expert_layers.ExpertLinear`; this is the per-sample cost of ``head(x)`` with all
+    tasks, up to the O(width) terms listed in the module docstring.
+    """
+    total = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+        elif isinstance(m, ExpertLinear):
+            total += m.num_experts * m.in_features * m.out_features
+    return total
+
+
+def fit_width(
+    build: Callable[[int], nn.Module],
+    budget: int,
+    *,
+    mode: Literal["nearest", "at_most"] = "nearest",
+    multiple_of: int = 1,
+    name: str = "hidden_dim",
+) -> int:
+    """The hidden width whose head has the parameter count nearest to (or at most) ``budget``.
+
+    Args:
+        build: ``width -> module``; build it on ``device="meta"`` so candidates cost nothing.
+        budget: Target parameter count.
+        mode: ``"nearest"`` (closest count, ties to the smaller width) or ``"at_most"`` (largest width
+            whose count does not exceed ``budget``).
+        multiple_of: Only consider widths that are multiples of this (e.g. 8 for tensor cores).
+        name: Name of the width in error messages.
+
+    Returns:
+        The width (a positive multiple of ``multiple_of``).
+
+    Raises:
+        ValueError: the parameter count does not depend on the width, or (``"at_most"``) even the
+            smallest width exceeds ``budget``.
+    """
+    budget = check_positive_int(budget, "budget")
+    multiple_of = check_positive_int(multiple_of, "multiple_of")
+    check_choice(mode, "mode", ("nearest", "at_most"))
+
+    def count(k: int) -> int:
+        return count_parameters(build(k * multiple_of))
+
+    lo_count, next_count = count(1), count(2)
+    if next_count <= lo_count:
+        raise ValueError(f"the parameter count does not grow with {name} (e.g. num_layers=1), so it cannot be sized")
+    if mode == "at_most" and lo_count > budget:
+        raise ValueError(
+            f"no {name} fits a budget of {budget:,} parameters: the smallest ({multiple_of}) already has {lo_count:,}"
+        )
+    lo, hi = 1, 2  # invariant after the loop: count(lo) < budget <= count(hi), or lo == 1 with count(1) >= budget
+    if lo_count >= budget:
+        return multiple_of
+    while count(hi) < budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count(mid) < budget:
+            lo = mid
+        else:
+            hi = mid
+    if mode == "at_most":
+        k = hi if count(hi) == budget else lo
+    else:
+        k = hi if count(hi) - budget < budget - count(lo) else lo
+    return k * multiple_of
