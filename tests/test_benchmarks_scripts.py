@@ -110,9 +110,9 @@ def test_cca_quick(tmp_path):
     for r in data["rows"]:
         assert r["ours_ms"] > 0 and r["numpy_ms"] > 0
         assert r["ours_vs_numpy"] == pytest.approx(r["ours_ms"] / r["numpy_ms"])
-        tol = 1e-10 if r["cond"] is None else 1e-6  # against numpy's float64 QR + SVD of the same data
+        tol = 1e-10 if r["cond"] <= 100 else 1e-6  # against numpy's float64 QR + SVD of the same data
         assert r["ours_err"] < tol and r["meter_err"] < tol
-    assert any(r["cond"] is not None for r in data["rows"])
+    assert any(r["cond"] > 100 for r in data["rows"])  # an ill-conditioned row
     nulls = [r["null_mean"] for r in data["null_table"]]
     assert all(0 < b < a < 1 for a, b in zip(nulls, nulls[1:]))  # the null shrinks with n
     try:
