@@ -1,20 +1,20 @@
 """Building blocks of the fused expert bank: N independent layers evaluated as one kernel each.
 
-Axis legend (features-major layout used inside the bank, so no layer needs a copy):
-    n: experts            i: input features of a layer     o: output features of a layer
-    b: batch
+Axis legend (batch-major layout used inside the bank):
+    b: batch    n: experts    i: input features of a layer    o: output features of a layer
 
-Activations inside the bank are stored as ``[n, o, b]`` (contiguous). Then
+Activations inside the bank are contiguous ``[b, n, o]`` tensors, i.e. ``[b, (n o)]``: one wide layer of
+``n·o`` channels whose channels are grouped by expert. Then
 
-* the first layer, whose input is shared by every expert, is one wide GEMM
-  ``W[(n o), i] @ x^T[i, b] -> [(n o), b]``;
-* every later layer is one batched matmul ``W[n, o, i] @ h[n, i, b] -> [n, o, b]``;
-* per-expert BatchNorm is one ``BatchNorm1d(n·o)`` applied to the free view ``[1, (n o), b]``
-  (BatchNorm1d on a 3-D input normalises each channel over the batch and length axes, here the
-  single length axis is the batch);
-* per-expert LayerNorm normalises over ``o`` for each ``(n, b)``.
+* the first layer, whose input is shared by every expert, is one wide GEMM ``x[b, i] @ W[(n o), i]^T``;
+* every later layer is one batched matmul over experts reading and writing strided ``[n, b, ·]`` views
+  of the ``[b, n, ·]`` tensors (BLAS takes the row stride, so nothing is copied);
+* per-expert BatchNorm is one ``BatchNorm1d(n·o)`` on the free 2-D view ``[b, (n o)]`` — exactly the
+  layout ``nn.BatchNorm1d`` (and ``nn.SyncBatchNorm``) expect, so their own kernels run unchanged;
+* per-expert LayerNorm normalises over ``o`` for each ``(b, n)``.
 
-None of these steps materialises a permuted copy of the activations.
+Each layer can export expert ``k`` as a standard module and load it back (:meth:`ExpertLinear.export_expert`,
+:func:`export_norm`), so the bank never needs to know how a layer stores its experts.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import math
 import torch
 from torch import nn
 
+from star_heads import _expert_kernels as kernels
 from star_heads._checks import check_positive_int
 
-__all__ = ["ExpertLinear", "ExpertLayerNorm", "make_expert_norm", "apply_expert_norm"]
+__all__ = ["ExpertLinear", "ExpertLayerNorm", "make_expert_norm", "export_norm", "load_norm", "is_batch_norm"]
 
 
 class ExpertLinear(nn.Module):
@@ -80,18 +81,40 @@ class ExpertLinear(nn.Module):
         """Applies every expert.
 
         Args:
-            h: ``[i, b]`` (input shared by all experts, e.g. ``x.T``) or ``[n, i, b]`` (one input per expert).
+            h: ``[b, i]`` (input shared by all experts) or ``[b, n, i]`` (one input per expert).
 
         Returns:
-            ``[(n o), b]`` for a shared input, ``[n, o, b]`` otherwise; contiguous base tensors.
+            ``[b, n, o]``, a contiguous base tensor (an in-place activation on it is safe).
         """
-        n, o = self.num_experts, self.out_features
-        if h.ndim == 2:  # shared input: one wide GEMM  [(n o), i] @ [i, b]
-            w = self.weight.reshape(n * o, self.in_features)
-            return w @ h if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, h)
-        if self.bias is None:  # per-expert input: one batched matmul  [n, o, i] @ [n, i, b]
-            return torch.bmm(self.weight, h)
-        return torch.baddbmm(self.bias.view(n, o, 1), self.weight, h)
+        return kernels.expert_linear(h, self.weight, self.bias)
+
+    @torch.no_grad()
+    def export_expert(self, k: int) -> nn.Linear:
+        """Expert ``k`` as a standalone ``nn.Linear`` (a copy, on this layer's device and dtype)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.copy_(self.weight[k])
+        if self.bias is not None:
+            linear.bias.copy_(self.bias.view(self.num_experts, -1)[k])
+        return linear
+
+    @torch.no_grad()
+    def load_expert(self, k: int, linear: nn.Linear) -> None:
+        """Copies an ``nn.Linear`` of matching shape and bias into expert ``k``.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``.
+            ValueError: its shape or its having a bias differs from this layer's.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expert {k}: expected nn.Linear, got {type(linear).__name__}")
+        want = (self.out_features, self.in_features, self.bias is not None)
+        got = (linear.out_features, linear.in_features, linear.bias is not None)
+        if want != got:
+            raise ValueError(f"expert {k}: expected Linear(out, in, bias) = {want}, got {got}")
+        self.weight[k].copy_(linear.weight)
+        if self.bias is not None:
+            self.bias.view(self.num_experts, -1)[k].copy_(linear.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -101,7 +124,7 @@ class ExpertLinear(nn.Module):
 
 
 class ExpertLayerNorm(nn.Module):
-    """Per-expert ``nn.LayerNorm(features)`` over the feature axis of ``[n, o, b]`` activations.
+    """Per-expert ``nn.LayerNorm(features)`` over the feature axis of ``[b, n, o]`` activations.
 
     Args:
         num_experts: Number of experts N.
@@ -131,16 +154,41 @@ class ExpertLayerNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # [n, 1, b]
-        y = (h - mean) * torch.rsqrt(var + self.eps)
+        """``h [b, n, o] -> [b, n, o]`` (a new base tensor)."""
+        y = torch.nn.functional.layer_norm(h, (self.features,), eps=self.eps)
         if self.weight is not None:
-            shape = (self.num_experts, self.features, 1)
+            shape = (self.num_experts, self.features)
             y = torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
         return y
 
+    @torch.no_grad()
+    def export_expert(self, k: int) -> nn.LayerNorm:
+        """Expert ``k`` as a standalone ``nn.LayerNorm`` (a copy)."""
+        single = nn.LayerNorm(self.features, eps=self.eps, elementwise_affine=self.weight is not None)
+        if self.weight is not None:
+            single = single.to(device=self.weight.device, dtype=self.weight.dtype)
+            single.weight.copy_(self.weight.view(self.num_experts, -1)[k])
+            single.bias.copy_(self.bias.view(self.num_experts, -1)[k])
+        return single
 
-def _is_batch_norm(norm_layer: type[nn.Module]) -> bool:
-    return isinstance(norm_layer, type) and issubclass(norm_layer, nn.modules.batchnorm._NormBase)
+    @torch.no_grad()
+    def load_expert(self, k: int, norm: nn.LayerNorm) -> None:
+        """Copies a matching ``nn.LayerNorm`` into expert ``k`` (see :func:`load_norm` for the checks)."""
+        if self.weight is not None:
+            self.weight.view(self.num_experts, -1)[k].copy_(norm.weight)
+            self.bias.view(self.num_experts, -1)[k].copy_(norm.bias)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, features={self.features}, eps={self.eps}, " \
+               f"elementwise_affine={self.weight is not None}"
+
+
+def is_batch_norm(layer: object) -> bool:
+    """Whether ``layer`` is a BatchNorm class, a ``functools.partial`` of one, or a BatchNorm module."""
+    layer = getattr(layer, "func", layer)
+    if isinstance(layer, nn.Module):
+        return isinstance(layer, nn.modules.batchnorm._NormBase)
+    return isinstance(layer, type) and issubclass(layer, nn.modules.batchnorm._NormBase)
 
 
 def make_expert_norm(
@@ -160,7 +208,7 @@ def make_expert_norm(
         cls, kwargs = norm_layer.func, dict(norm_layer.keywords)
     if cls is None or cls is nn.Identity:
         return None
-    if _is_batch_norm(cls):
+    if is_batch_norm(cls):
         return cls(num_experts * features, **kwargs, **factory)
     if cls is nn.LayerNorm:
         return ExpertLayerNorm(num_experts, features, **kwargs, **factory)
@@ -170,16 +218,64 @@ def make_expert_norm(
     )
 
 
-def apply_expert_norm(norm: nn.Module | None, h: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Applies a fused per-expert norm to layer outputs ``h`` (``[(n o), b]`` or ``[n, o, b]``).
+@torch.no_grad()
+def export_norm(norm: nn.Module, k: int, num_experts: int) -> nn.Module:
+    """Expert ``k``'s slice of a fused norm (from :func:`make_expert_norm`) as a standalone module (a copy).
 
-    The input is only *viewed* (free); the result is a new base tensor (``[1, (n o), b]`` for BatchNorm,
-    ``[n, o, b]`` for LayerNorm, ``h`` itself without a norm), so an in-place activation on it never
-    touches a view (which would make autograd copy the whole tensor in backward).
+    A fused BatchNorm over ``n·o`` channels gives an ``nn.BatchNorm1d(o)`` with the same options, the
+    expert's affine parameters and running statistics, ``num_batches_tracked`` and train/eval mode.
     """
-    if norm is None or isinstance(norm, nn.Identity):
-        return h
-    b = h.shape[-1]
     if isinstance(norm, ExpertLayerNorm):
-        return norm(h.view(num_experts, -1, b))
-    return norm(h.view(1, -1, b))
+        return norm.export_expert(k)
+    features = norm.num_features // num_experts
+    single = nn.BatchNorm1d(
+        features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+        track_running_stats=norm.track_running_stats,
+    )
+    ref = norm.weight if norm.weight is not None else norm.running_mean
+    if ref is not None:
+        single = single.to(device=ref.device, dtype=ref.dtype)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        src = getattr(norm, name)
+        if src is not None:
+            getattr(single, name).copy_(src.view(num_experts, -1)[k])
+    if norm.num_batches_tracked is not None:
+        single.num_batches_tracked.copy_(norm.num_batches_tracked)
+    single.train(norm.training)
+    return single
+
+
+@torch.no_grad()
+def load_norm(fused: nn.Module, k: int, num_experts: int, single: nn.Module) -> None:
+    """Copies a standalone norm into expert ``k``'s slice of ``fused`` (inverse of :func:`export_norm`).
+
+    Raises:
+        ValueError: ``single`` is not the kind of norm ``fused`` holds, or has other options or width.
+    """
+    want = norm_options(export_norm(fused, k, num_experts))
+    got = norm_options(single)
+    if want != got:
+        raise ValueError(f"expert {k}: expected a norm with options {want}, got {got} ({single!r})")
+    if isinstance(fused, ExpertLayerNorm):
+        fused.load_expert(k, single)
+        return
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        dst = getattr(fused, name)
+        if dst is not None:
+            dst.view(num_experts, -1)[k].copy_(getattr(single, name))
+    if fused.num_batches_tracked is not None:
+        fused.num_batches_tracked.copy_(single.num_batches_tracked)
+
+
+def norm_options(m: nn.Module) -> tuple | None:
+    """The options that identify a standalone norm module, or None when it is not a supported norm.
+
+    ``("batch_norm", features, eps, momentum, affine, track_running_stats)`` for ``nn.BatchNorm1d``,
+    ``("layer_norm", features, eps, elementwise_affine)`` for an ``nn.LayerNorm`` over the last axis
+    with a bias (or no affine at all).
+    """
+    if type(m) in (nn.BatchNorm1d, nn.SyncBatchNorm):
+        return ("batch_norm", m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+    if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1 and (m.weight is None) == (m.bias is None):
+        return ("layer_norm", m.normalized_shape[0], m.eps, m.elementwise_affine)
+    return None

@@ -1,27 +1,36 @@
-"""A bank of same-shape MLP experts evaluated with fused kernels (STAR, Sec. 3; STAR_METHOD.md "Forward pass").
+"""A bank of same-shape MLP experts evaluated with fused kernels (STAR, arXiv 2510.27222, Sec. 3).
 
 Axis legend:
     b: batch    n: experts    t: tasks    d: input features    o: output features
 
-Each expert is ``Linear(no bias) → norm → act`` repeated ``num_layers - 1`` times, then ``Linear(bias)``
-(no norm at the output unless ``last_norm_layer`` is given). With dense soft routing every sample reaches
-every expert, so the bank never needs a ragged grouped GEMM: see :mod:`star_heads.expert_layers` for the
-layout that keeps every layer a single kernel with no copies in between.
+Each expert is ``Linear → norm → act`` repeated ``num_layers - 1`` times, then ``Linear`` (no norm at the
+output unless ``last_norm_layer`` is given); by default the hidden Linears have no bias and the last one has.
+With dense soft routing every sample reaches every expert, so the bank never needs a ragged grouped GEMM:
+see :mod:`star_heads.expert_layers` for the layout that keeps every layer a single kernel with no copies.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from functools import partial
 
 import torch
-from einops import rearrange
 from torch import nn
 
+from star_heads import _expert_kernels as kernels
 from star_heads._checks import check_float_tensor, check_positive_int
-from star_heads.expert_layers import ExpertLayerNorm, ExpertLinear, apply_expert_norm, make_expert_norm
+from star_heads.expert_layers import ExpertLinear, export_norm, is_batch_norm, load_norm, make_expert_norm, norm_options
 
 __all__ = ["ExpertBank"]
+
+#: Activations the bank accepts: elementwise and deterministic, so applying one to the fused ``[B, N·h]``
+#: activations is exactly applying it to each expert.
+ELEMENTWISE_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Threshold,
+    nn.LogSigmoid, nn.Softshrink, nn.Hardshrink, nn.Identity,
+)
 
 
 class ExpertBank(nn.Module):
@@ -33,19 +42,25 @@ class ExpertBank(nn.Module):
         hidden_dim: Width of the hidden layers.
         output_dim: Output size of every expert.
         num_layers: Linear layers per expert (>= 1); ``1`` is a single Linear.
-        norm_layer: Norm class after each hidden Linear (``nn.BatchNorm1d`` default, ``nn.LayerNorm``,
-            ``None``; ``functools.partial`` for options).
-        act_layer: Activation class after each hidden norm.
+        norm_layer: Norm class after each hidden Linear (``nn.BatchNorm1d`` default, ``nn.SyncBatchNorm``,
+            ``nn.LayerNorm``, ``None``; ``functools.partial`` for options).
+        act_layer: Elementwise activation after each hidden norm: a class, a ``functools.partial`` of one,
+            a configured instance (copied per layer, e.g. ``nn.LeakyReLU(0.3)``) or ``None``.
+        hidden_bias: Whether the hidden Linears have a bias: one bool for all, or one per hidden layer.
         last_bias: Whether the last Linear has a bias.
         last_norm_layer: Optional norm after the last Linear (e.g. EquiMod's ``BatchNorm1d(affine=False)``).
+        check_finite: Also reject NaN/Inf in ``x`` and ``gates`` (one host-device sync per call).
         device: Factory kwarg.
         dtype: Factory kwarg.
 
     Shapes:
         ``forward(x)``: ``x [B, d] -> [B, N, output_dim]`` (every expert's output).
         ``forward(x, gates)``: ``gates [B, T, N] -> [T, B, output_dim]``, the routed mixture
-        ``z_t(x) = Σ_k s_{t,k}(x) · E_k(x)`` (STAR Eq. for the task embedding). Experts are computed once
+        ``z_t(x) = Σ_k s_{t,k}(x) · E_k(x)`` (STAR, Sec. 3, task embedding). Experts are computed once
         however many tasks read them; ``return_expert_outputs=True`` also returns them as ``[B, N, o]``.
+
+    Inputs must have the parameters' dtype, except under ``torch.autocast``, where the Linears run in the
+    autocast dtype as ``nn.Linear`` does (and ``gates`` are cast to it for the mixture).
     """
 
     def __init__(
@@ -57,9 +72,11 @@ class ExpertBank(nn.Module):
         num_layers: int = 3,
         *,
         norm_layer: type[nn.Module] | None = nn.BatchNorm1d,
-        act_layer: type[nn.Module] = nn.ReLU,
+        act_layer: type[nn.Module] | nn.Module | None = nn.ReLU,
+        hidden_bias: bool | Sequence[bool] = False,
         last_bias: bool = True,
         last_norm_layer: type[nn.Module] | None = None,
+        check_finite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -69,11 +86,12 @@ class ExpertBank(nn.Module):
         self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
         self.output_dim = check_positive_int(output_dim, "output_dim")
         self.num_layers = check_positive_int(num_layers, "num_layers")
+        self.check_finite = bool(check_finite)
+        biases = [*_hidden_biases(hidden_bias, num_layers - 1), bool(last_bias)]
         factory = {"device": device, "dtype": dtype}
         sizes = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.linears = nn.ModuleList(
-            ExpertLinear(num_experts, sizes[i], sizes[i + 1], bias=(i == num_layers - 1) and last_bias, **factory)
-            for i in range(num_layers)
+            ExpertLinear(num_experts, sizes[i], sizes[i + 1], bias=biases[i], **factory) for i in range(num_layers)
         )
         norms = [make_expert_norm(norm_layer, num_experts, hidden_dim, **factory) for _ in range(num_layers - 1)]
         norms.append(make_expert_norm(last_norm_layer, num_experts, output_dim, **factory))
@@ -94,175 +112,251 @@ class ExpertBank(nn.Module):
         Returns:
             Without ``gates``: every expert's output ``[B, N, o]``. With ``gates``: the mixtures ``[T, B, o]``,
             or ``(mixtures, expert_outputs)`` when ``return_expert_outputs`` is set.
+
+        Raises:
+            TypeError: ``x``/``gates`` not floating-point tensors, or of another dtype than the bank's
+                parameters outside autocast.
+            ValueError: wrong shapes, an empty batch, a single sample while a BatchNorm uses batch
+                statistics, or (``check_finite``) NaN/Inf values.
         """
-        if gates is not None:
-            self._check_gates(gates, x)
-        out = self._run_experts(x)  # [n, o, b], the bank's private layout
+        self._check(x, gates)
+        out = self._run_experts(x)  # [b, n, o]
         if gates is None:
-            return rearrange(out, "n o b -> b n o")
-        per_sample = rearrange(out, "n o b -> b n o").contiguous()  # bmm over B small matrices wants it dense
-        mixed = rearrange(torch.bmm(gates.to(per_sample.dtype), per_sample), "b t o -> t b o")
-        return (mixed, per_sample) if return_expert_outputs else mixed
+            return out
+        mixed = torch.bmm(gates.to(out.dtype), out).transpose(0, 1)  # [b, t, n] @ [b, n, o] -> [t, b, o]
+        return (mixed, out) if return_expert_outputs else mixed
 
     def _run_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on ``x [B, d]`` in the bank's features-major layout ``[N, o, B]`` (private)."""
-        self._check_input(x)
-        n, b = self.num_experts, x.shape[0]
-        h = self.linears[0](x.t())  # one GEMM on the shared input (x.t() is a free view) -> [(n h), b]
-        for i, linear in enumerate(self.linears):
-            if i > 0:
-                h = linear(h.view(n, -1, b))  # one batched matmul -> [n, o, b]
-            h = apply_expert_norm(self.norms[i], h, n)
-            if i < len(self.acts):
-                h = self.acts[i](h)  # in place on a base tensor, never on a view
-        return h.view(n, -1, b)
+        """Every expert on ``x [B, d]``: ``[B, N, o]``, contiguous."""
+        h = self.linears[0](x)  # [b, n, h], a base tensor: an activation may run in place on it
+        for i, linear in enumerate(self.linears[1:]):
+            norm, act = self.norms[i], self.acts[i]
+            if type(norm) is nn.BatchNorm1d and type(act) is nn.ReLU and _uses_batch_stats(norm):
+                h = kernels.batch_norm_relu_linear(h.reshape(h.shape[0], -1), _batch_norm_args(norm), linear.weight, linear.bias)
+            else:
+                h = linear(_norm_act(h, norm, act))
+        return _norm_act(h, self.norms[-1], None)
 
     # --------------------------------------------------------------- validation
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_float_tensor(x, "x", sizes=(None, self.input_dim))
-
-    def _check_gates(self, gates: torch.Tensor, x: torch.Tensor) -> None:
-        self._check_input(x)
-        check_float_tensor(gates, "gates", sizes=(x.shape[0], None, self.num_experts))
+    def _check(self, x: torch.Tensor, gates: torch.Tensor | None) -> None:
+        """Shape and dtype checks (free); values only with ``check_finite``."""
+        check_float_tensor(x, "x", sizes=(None, self.input_dim), finite=self.check_finite)
+        if x.shape[0] == 0:
+            raise ValueError(f"x must hold at least one sample, got shape {list(x.shape)}")
+        if x.shape[0] == 1 and any(_uses_batch_stats(m) for m in self.norms):
+            raise ValueError(
+                f"x has a single sample (shape {list(x.shape)}), but a BatchNorm in training mode needs more "
+                "than one sample per batch: pass a larger batch or call .eval()"
+            )
+        param = self.linears[0].weight.dtype
+        autocast = kernels.autocast_dtype(x.device.type) is not None
+        if not autocast and x.dtype != param:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the bank's parameters are {param}: cast one of them "
+                "(or run under torch.autocast)"
+            )
+        if gates is not None:
+            check_float_tensor(gates, "gates", sizes=(x.shape[0], None, self.num_experts), finite=self.check_finite)
+            if not autocast and gates.dtype != x.dtype:
+                raise TypeError(f"gates has dtype {gates.dtype} but x has {x.dtype}: they must match outside autocast")
 
     # ---------------------------------------------------------- module interop
     def to_modules(self) -> nn.ModuleList:
-        """Unfuses the bank into ``nn.ModuleList`` of standard ``nn.Sequential`` experts (copies of the weights,
-        biases and norm running statistics). :meth:`from_modules` inverts it exactly."""
+        """Unfuses the bank into an ``nn.ModuleList`` of standard ``nn.Sequential`` experts (copies of the
+        weights, biases, norm running statistics and activation options). :meth:`from_modules` inverts it."""
         experts = nn.ModuleList()
         for k in range(self.num_experts):
             layers: list[nn.Module] = []
             for i, linear in enumerate(self.linears):
-                lin = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-                lin = lin.to(device=linear.weight.device, dtype=linear.weight.dtype)
-                with torch.no_grad():
-                    lin.weight.copy_(linear.weight[k])
-                    if linear.bias is not None:
-                        lin.bias.copy_(linear.bias.view(self.num_experts, -1)[k])
-                layers.append(lin)
-                norm = self.norms[i]
-                if not isinstance(norm, nn.Identity):
-                    layers.append(_unfuse_norm(norm, k, self.num_experts, linear.out_features))
-                if i < len(self.acts):
-                    layers.append(self.acts[i].__class__())
+                layers.append(linear.export_expert(k))
+                if not isinstance(self.norms[i], nn.Identity):
+                    layers.append(export_norm(self.norms[i], k, self.num_experts))
+                if i < len(self.acts) and not isinstance(self.acts[i], nn.Identity):
+                    layers.append(_export_act(self.acts[i]))
             experts.append(nn.Sequential(*layers))
         return experts
 
     @classmethod
     def from_modules(cls, experts: Sequence[nn.Module], **kwargs) -> ExpertBank:
-        """Fuses same-shape ``nn.Sequential`` experts (the format of :meth:`to_modules`) into a bank.
+        """Fuses same-structure experts into a bank, exactly (weights, biases, norm statistics, activation).
 
-        Norm / activation classes are read from the first expert; ``kwargs`` override constructor options.
+        Each expert must be an ``nn.Sequential`` of blocks ``nn.Linear → [norm] → [activation]`` (with or
+        without a bias at every Linear), the norms ``nn.BatchNorm1d`` / ``nn.SyncBatchNorm`` /
+        ``nn.LayerNorm(width)`` and the activations elementwise (``ELEMENTWISE_ACTIVATIONS``, options kept);
+        the hidden blocks must agree with each other and the last block has no activation. ``kwargs``
+        override constructor options (device, dtype, ...).
 
         Raises:
-            ValueError: empty list, experts of different structure or shapes.
+            TypeError: an expert is not an ``nn.Sequential``.
+            ValueError: an empty list, a module the bank cannot represent (named with its position), or
+                experts that differ in structure, options or shapes.
         """
         experts = list(experts)
         if not experts:
             raise ValueError("from_modules needs at least one expert, got an empty sequence")
-        linears = [m for m in experts[0] if isinstance(m, nn.Linear)]
-        hidden = [m for m in experts[0] if not isinstance(m, nn.Linear)]
-        signature = [type(m) for m in experts[0]]
-        for j, e in enumerate(experts[1:], start=1):
-            if [type(m) for m in e] != signature or any(
-                a.weight.shape != b.weight.shape for a, b in zip(linears, (m for m in e if isinstance(m, nn.Linear)))
-            ):
-                raise ValueError(f"expert {j} does not have the structure/shapes of expert 0: {e} vs {experts[0]}")
-        norm_types = [_norm_spec(m) for m in hidden if not _is_act(m)]
-        acts = [type(m) for m in hidden if _is_act(m)]
-        num_layers = len(linears)
-        n_hidden_norms = len(norm_types) - (1 if _has_last_norm(experts[0]) else 0)
+        specs = [_parse_expert(e, j) for j, e in enumerate(experts)]
+        for j, spec in enumerate(specs[1:], start=1):
+            if spec["signature"] != specs[0]["signature"]:
+                raise ValueError(
+                    f"expert {j} differs from expert 0 in structure, options or shapes: {experts[j]} vs {experts[0]}"
+                )
+        blocks, first = specs[0]["blocks"], specs[0]["blocks"][0][0]
+        hidden = blocks[:-1]
         options = dict(
-            num_layers=num_layers,
-            norm_layer=norm_types[0] if n_hidden_norms > 0 else None,
-            act_layer=acts[0] if acts else nn.ReLU,
-            last_bias=linears[-1].bias is not None,
-            last_norm_layer=norm_types[-1] if _has_last_norm(experts[0]) else None,
-            device=linears[0].weight.device,
-            dtype=linears[0].weight.dtype,
+            num_layers=len(blocks),
+            norm_layer=_norm_spec(hidden[0][1]) if hidden else None,
+            act_layer=hidden[0][2] if hidden else None,
+            hidden_bias=[lin.bias is not None for lin, _, _ in hidden],
+            last_bias=blocks[-1][0].bias is not None,
+            last_norm_layer=_norm_spec(blocks[-1][1]),
+            device=first.weight.device,
+            dtype=first.weight.dtype,
         )
         options.update(kwargs)
-        bank = cls(
-            len(experts),
-            linears[0].in_features,
-            linears[0].out_features,
-            linears[-1].out_features,
-            **options,
-        )
-        bank._load_experts(experts)
+        width = hidden[0][0].out_features if hidden else first.out_features
+        bank = cls(len(experts), first.in_features, width, blocks[-1][0].out_features, **options)
+        for k, spec in enumerate(specs):
+            for i, (linear, norm, _) in enumerate(spec["blocks"]):
+                bank.linears[i].load_expert(k, linear)
+                if norm is not None:
+                    load_norm(bank.norms[i], k, bank.num_experts, norm)
         return bank
 
-    @torch.no_grad()
-    def _load_experts(self, experts: Sequence[nn.Module]) -> None:
-        for k, expert in enumerate(experts):
-            lins = [m for m in expert if isinstance(m, nn.Linear)]
-            norms = [m for m in expert if not isinstance(m, nn.Linear) and not _is_act(m)]
-            fused_norms = [m for m in self.norms if not isinstance(m, nn.Identity)]
-            for linear, lin in zip(self.linears, lins):
-                linear.weight[k].copy_(lin.weight)
-                if linear.bias is not None:
-                    linear.bias.view(self.num_experts, -1)[k].copy_(lin.bias)
-            for fused, norm in zip(fused_norms, norms):
-                _load_norm(fused, norm, k, self.num_experts)
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, sizes=({self.input_dim}, {self.hidden_dim}, {self.output_dim})"
 
 
-def _is_act(m: nn.Module) -> bool:
-    return not isinstance(m, (nn.Linear, nn.LayerNorm, nn.modules.batchnorm._NormBase))
+# ------------------------------------------------------------------------------------------ helpers
+def _norm_act(h: torch.Tensor, norm: nn.Module, act: nn.Module | None) -> torch.Tensor:
+    """One hidden (or last) norm and activation on ``h [b, n, o]``; returns a contiguous ``[b, n, o]``."""
+    b, n, o = h.shape
+    if is_batch_norm(norm):
+        h = norm(h.reshape(b, n * o))  # BatchNorm1d / SyncBatchNorm over n·o channels: its own kernel
+    elif not isinstance(norm, nn.Identity):
+        h = norm(h)
+    if act is not None:
+        h = act(h)  # in place where the activation supports it: h is always a base tensor here
+    return h.view(b, n, o) if h.is_contiguous() else h.reshape(b, n, o)
 
 
-def _norm_spec(m: nn.Module):
-    """The norm class of a standalone norm module, with its options bound (``functools.partial``)."""
-    if isinstance(m, nn.LayerNorm):
-        return partial(nn.LayerNorm, eps=m.eps, elementwise_affine=m.elementwise_affine)
-    return partial(type(m), eps=m.eps, momentum=m.momentum, affine=m.affine, track_running_stats=m.track_running_stats)
+def _uses_batch_stats(norm: nn.Module) -> bool:
+    return is_batch_norm(norm) and (norm.training or norm.running_mean is None)
 
 
-def _has_last_norm(expert: nn.Module) -> bool:
-    return not isinstance(list(expert)[-1], nn.Linear)
+def _batch_norm_args(bn: nn.BatchNorm1d) -> tuple:
+    """``(weight, bias, running_mean, running_var, factor, eps)`` as ``nn.BatchNorm1d.forward`` computes them
+    for a training-mode call (``num_batches_tracked`` incremented, cumulative average when momentum is None)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    track = not bn.training or bn.track_running_stats
+    return bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None, factor, bn.eps
 
 
-def _unfuse_norm(norm: nn.Module, k: int, n: int, features: int) -> nn.Module:
-    """Returns expert ``k``'s slice of a fused norm as a standalone module."""
-    sl = slice(k * features, (k + 1) * features)
-    if isinstance(norm, ExpertLayerNorm):
-        single = nn.LayerNorm(features, eps=norm.eps, elementwise_affine=norm.weight is not None)
-    else:
-        single = nn.BatchNorm1d(
-            features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-            track_running_stats=norm.track_running_stats,
+def _hidden_biases(hidden_bias: bool | Sequence[bool], count: int) -> list[bool]:
+    if isinstance(hidden_bias, bool):
+        return [hidden_bias] * count
+    flags = list(hidden_bias) if isinstance(hidden_bias, Sequence) else None
+    if flags is None or not all(isinstance(f, bool) for f in flags):
+        raise TypeError(f"hidden_bias must be a bool or a sequence of bools, got {hidden_bias!r}")
+    if len(flags) != count:
+        raise ValueError(f"hidden_bias must have one entry per hidden layer ({count}), got {len(flags)}: {flags}")
+    return flags
+
+
+def _make_act(act_layer) -> nn.Module:
+    """Instantiates ``act_layer`` (in place when it supports it) and checks that it is elementwise.
+
+    Inside the bank an activation always follows a norm or a Linear, neither of whose backward needs its
+    output, so running it in place is exact and saves one activation-sized tensor per layer.
+
+    Raises:
+        TypeError: not an elementwise activation (e.g. ``nn.Softmax``, which would mix experts' features).
+    """
+    cls = type(act_layer) if isinstance(act_layer, nn.Module) else getattr(act_layer, "func", act_layer)
+    if act_layer is not None and cls not in ELEMENTWISE_ACTIVATIONS:
+        raise TypeError(
+            f"act_layer must be an elementwise activation ({', '.join(c.__name__ for c in ELEMENTWISE_ACTIVATIONS)}), "
+            f"got {act_layer!r}: the bank applies it to all experts' features at once"
         )
-    ref = norm.weight if norm.weight is not None else next(iter(norm.buffers()), None)
-    if ref is not None:
-        single = single.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            src = getattr(norm, name, None)
-            if src is not None:
-                getattr(single, name).copy_(src[sl])
-        if getattr(norm, "num_batches_tracked", None) is not None:
-            single.num_batches_tracked.copy_(norm.num_batches_tracked)
-    single.train(norm.training)
+    if act_layer is None:
+        act = nn.Identity()
+    elif isinstance(act_layer, nn.Module):
+        act = copy.deepcopy(act_layer)
+        if hasattr(act, "inplace"):
+            act.inplace = True
+    else:
+        try:
+            act = act_layer(inplace=True)
+        except TypeError:
+            act = act_layer()
+    return act
+
+
+def _export_act(act: nn.Module) -> nn.Module:
+    single = copy.deepcopy(act)
+    if hasattr(single, "inplace"):
+        single.inplace = False  # torch's default; results are the same either way
     return single
 
 
-@torch.no_grad()
-def _load_norm(fused: nn.Module, single: nn.Module, k: int, n: int) -> None:
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        dst, src = getattr(fused, name, None), getattr(single, name, None)
-        if dst is not None and src is not None:
-            dst.view(n, -1)[k].copy_(src)
-    if getattr(fused, "num_batches_tracked", None) is not None and getattr(single, "num_batches_tracked", None) is not None:
-        fused.num_batches_tracked.copy_(single.num_batches_tracked)
+def _act_key(act: nn.Module | None) -> tuple | None:
+    """What identifies an activation's behaviour: its class and public options (``inplace`` aside)."""
+    if act is None:
+        return None
+    options = {k: v for k, v in vars(act).items() if not k.startswith("_") and k not in ("inplace", "training")}
+    return type(act), tuple(sorted(options.items()))
 
 
-def _make_act(act_layer: type[nn.Module]) -> nn.Module:
-    """Instantiates ``act_layer`` in place when it supports it.
+def _norm_spec(norm: nn.Module | None):
+    """The class of a standalone norm with its options bound (``functools.partial``), or None."""
+    if norm is None:
+        return None
+    if isinstance(norm, nn.LayerNorm):
+        return partial(nn.LayerNorm, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
+    return partial(type(norm), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                   track_running_stats=norm.track_running_stats)
 
-    Inside the bank an activation always follows a norm or a Linear, neither of whose backward needs its
-    output, so running it in place is exact and skips allocating a second activation-sized tensor per layer
-    in forward (autograd keeps the norm input for backward either way, so peak memory is unchanged).
+
+def _parse_expert(expert: nn.Module, j: int) -> dict:
+    """Splits an expert into ``(Linear, norm | None, act | None)`` blocks and a signature to compare experts by.
+
+    Raises:
+        TypeError / ValueError: see :meth:`ExpertBank.from_modules`.
     """
-    try:
-        return act_layer(inplace=True)
-    except TypeError:
-        return act_layer()
+    if not isinstance(expert, nn.Sequential):
+        raise TypeError(f"expert {j} must be an nn.Sequential of Linear/norm/activation modules, got {type(expert).__name__}")
+    mods, blocks, pos = list(expert), [], 0
+    supported = "an nn.Linear, then optionally nn.BatchNorm1d/nn.SyncBatchNorm/nn.LayerNorm, then optionally an elementwise activation"
+    while pos < len(mods):
+        linear = mods[pos]
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"expert {j}, module {pos}: found {linear!r} where each block must be {supported}")
+        pos += 1
+        norm = act = None
+        if pos < len(mods) and norm_options(mods[pos]) is not None:
+            norm, pos = mods[pos], pos + 1
+        if pos < len(mods) and type(mods[pos]) in ELEMENTWISE_ACTIVATIONS:
+            act, pos = mods[pos], pos + 1
+        blocks.append((linear, norm, None if type(act) is nn.Identity else act))
+    if not blocks:
+        raise ValueError(f"expert {j} is empty")
+    for i, (linear, norm, act) in enumerate(blocks):
+        if i > 0 and linear.in_features != blocks[i - 1][0].out_features:
+            raise ValueError(f"expert {j}: Linear {i} takes {linear.in_features} features but the previous one gives {blocks[i - 1][0].out_features}")
+        if norm is not None and norm_options(norm)[1] != linear.out_features:
+            raise ValueError(f"expert {j}: norm {norm!r} after Linear {i} does not normalise its {linear.out_features} features")
+    hidden = blocks[:-1]
+    if blocks[-1][2] is not None:
+        raise ValueError(f"expert {j}: an activation after the last Linear ({blocks[-1][2]!r}) is not supported")
+    for name, key in (("hidden width", lambda blk: blk[0].out_features), ("hidden norm", lambda blk: norm_options(blk[1]) if blk[1] is not None else None),
+                      ("hidden activation", lambda blk: _act_key(blk[2]))):
+        if len({repr(key(blk)) for blk in hidden}) > 1:
+            raise ValueError(f"expert {j}: every hidden block must have the same {name}, got {[key(blk) for blk in hidden]}")
+    signature = (
+        tuple((lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype) for lin, _, _ in blocks),
+        tuple((norm_options(nm) if nm is not None else None, type(nm)) for _, nm, _ in blocks),
+        tuple(_act_key(a) for _, _, a in blocks),
+    )
+    return {"blocks": blocks, "signature": signature}

@@ -77,10 +77,8 @@ def _prepare_pair(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _basis(xc: torch.Tensor, tol: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """QR/SVD route: (U_r [n, r], ridge shrinkage [r]) of a centred float64 view, rank cut-off applied."""
-    q, r = torch.linalg.qr(xc)
-    u_r, s, _ = torch.linalg.svd(r)
-    rank = int((s > tol * s[0]).sum()) if s[0] > 0 else 0
-    return q @ u_r[:, :rank], shrink_factors(s, rank, ridge, xc.shape[1])
+    q, u_r, shrink = _qr_svd(xc, tol, ridge)
+    return q @ u_r, shrink
 
 
 def _cross(xc: torch.Tensor, yc: torch.Tensor, tol: float, ridge: float):
@@ -90,13 +88,23 @@ def _cross(xc: torch.Tensor, yc: torch.Tensor, tol: float, ridge: float):
     return ux, uy, (fx[:, None] * (ux.T @ uy)) * fy[None, :]
 
 
+def _qr_svd(xc: torch.Tensor, tol: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q, U_R restricted to the kept directions, ridge shrinkage) of Xc = Q R, R = U_R S Vᵀ."""
+    q, r = torch.linalg.qr(xc)
+    u_r, s, _ = torch.linalg.svd(r)
+    rank = int((s > tol * s[0]).sum()) if s[0] > 0 else 0
+    return q, u_r[:, :rank], shrink_factors(s, rank, ridge, xc.shape[1])
+
+
 def _correlations(z: torch.Tensor, p: int, tol: float, ridge: float) -> torch.Tensor:
     g = gram(z)
     sx, sy = view_spectrum(g[:p, :p], tol), view_spectrum(g[p:, p:], tol)
     if sx.trusted and sy.trusted:
         return whitened_correlations(g[:p, p:], sx.whitener(), sy.whitener(), sx.shrink(ridge), sy.shrink(ridge))
-    _, _, t = _cross(z[:, :p], z[:, p:], tol, ridge)  # ill-conditioned: orthonormal bases of the data
-    return torch.linalg.svdvals(t).clamp_(0.0, 1.0) if min(t.shape) else t.new_zeros(0)
+    # ill-conditioned: orthonormal bases of the data, Ux = Qx U_Rx, so Uxᵀ Uy = U_Rxᵀ (Qxᵀ Qy) U_Ry
+    qx, ux, fx = _qr_svd(z[:, :p], tol, ridge)
+    qy, uy, fy = _qr_svd(z[:, p:], tol, ridge)
+    return whitened_correlations(gram(qx, qy), ux, uy, fx, fy)
 
 
 def canonical_correlations(

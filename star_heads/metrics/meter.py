@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from star_heads._checks import check_positive_int
+from star_heads._checks import check_bool, check_positive_int
 from star_heads.metrics.covariance import magnitude, view_spectrum, whitened_correlations
 from star_heads.metrics.null import null_mean_canonical_correlation
 from star_heads.metrics.statistics import CCAStatistics
@@ -104,8 +104,8 @@ class CCAMeter:
         self.q = self.p if q is None else check_positive_int(q, "q")
         self.ridge, self.rank_tol = check_cca_options(ridge, rank_tol)
         self.svcca_keep = None if svcca_keep is None else check_keep(svcca_keep, "svcca_keep")
-        self.null_baseline = bool(null_baseline)
-        self.check_finite = bool(check_finite)
+        self.null_baseline = check_bool(null_baseline, "null_baseline")
+        self.check_finite = check_bool(check_finite, "check_finite")
         self.reset()
 
     # ------------------------------------------------------------------ state

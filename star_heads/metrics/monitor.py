@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from star_heads._checks import check_positive_int
+from star_heads._checks import check_bool, check_positive_int
 from star_heads.metrics.meter import CCAMeter, CCAResult
 from star_heads.metrics.validation import (
     CCASampleSizeWarning,
@@ -79,8 +79,8 @@ class CCAMonitor:
         self.ridge, _ = check_cca_options(ridge, None)
         self.svcca_keep = None if svcca_keep is None else check_keep(svcca_keep, "svcca_keep")
         self.min_samples = None if min_samples is None else check_positive_int(min_samples, "min_samples")
-        self.null_baseline = bool(null_baseline)
-        self.sync = bool(sync)
+        self.null_baseline = check_bool(null_baseline, "null_baseline")
+        self.sync = check_bool(sync, "sync")
         self.log = log
         self.steps = 0
         self.last: CCAResult | None = None

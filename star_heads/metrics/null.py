@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from star_heads._checks import check_positive_int
+from star_heads._checks import check_int, check_positive_int
 
 __all__ = ["null_mean_canonical_correlation"]
 
@@ -65,7 +65,7 @@ def null_mean_canonical_correlation(
         ValueError: ``draws < 1``, ``seed < 0``, n − 1 <= max(r_x, r_y), shrinkage outside [0, 1].
     """
     n = check_positive_int(n, "n")
-    seed = check_positive_int(seed, "seed", minimum=0)
+    seed = check_int(seed, "seed", minimum=0)
     if draws is not None:
         check_positive_int(draws, "draws")
     fx, fy = _shrinkage(shrink_x, "shrink_x"), _shrinkage(shrink_y, "shrink_y")

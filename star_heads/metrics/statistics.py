@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from star_heads.metrics.covariance import gram, magnitude, scale_exponent, scaled
+from star_heads.metrics.covariance import gram, magnitude, power_of_two, scale_exponent, scaled
 
 __all__ = ["CCAStatistics"]
 
@@ -62,10 +62,10 @@ class CCAStatistics:
 
     def rescale_(self, exponent: torch.Tensor) -> CCAStatistics:
         """Re-expresses the statistics in units of 2^``exponent`` (>= the current one; exact, in place)."""
-        step = self.columns(self.exponent - exponent)  # <= 0: multiply by a power of two
-        self.shift = torch.ldexp(self.shift, step)
-        self.total = torch.ldexp(self.total, step)
-        self.moment = torch.ldexp(self.moment, step[:, None] + step[None, :])
+        factor = self.columns(power_of_two(self.exponent - exponent))  # powers of two <= 1: exact
+        self.shift = self.shift * factor
+        self.total = self.total * factor
+        self.moment = self.moment * factor[:, None] * factor[None, :]
         self.exponent = exponent.clone()
         return self
 

@@ -6,12 +6,11 @@ expected and what was given: ``TypeError`` for a wrong type, ``ValueError`` for 
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
-from star_heads._checks import check_float_tensor
+from star_heads._checks import check_float_tensor, check_positive_float, check_probability
 
 __all__ = [
     "DEFAULT_RANK_TOL",
@@ -80,26 +79,13 @@ def check_views(x: object, y: object, *, finite: bool = True) -> tuple[torch.Ten
     return x, y
 
 
-def _number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
-
-
 def check_cca_options(ridge: object, rank_tol: object) -> tuple[float, float]:
     """Validates ``ridge`` (finite, >= 0) and ``rank_tol`` (in [0, 1), None = default); returns both as floats."""
-    ridge = _number(ridge, "ridge")
-    if not (math.isfinite(ridge) and ridge >= 0):
-        raise ValueError(f"ridge must be a finite float >= 0, got {ridge!r}")
-    tol = DEFAULT_RANK_TOL if rank_tol is None else _number(rank_tol, "rank_tol")
-    if not 0 <= tol < 1:
-        raise ValueError(f"rank_tol must be a float in [0, 1), got {rank_tol!r}")
+    ridge = check_positive_float(ridge, "ridge", allow_zero=True)
+    tol = DEFAULT_RANK_TOL if rank_tol is None else check_probability(rank_tol, "rank_tol", allow_one=False)
     return ridge, tol
 
 
 def check_keep(keep: object, name: str = "keep") -> float:
     """Validates the SVCCA variance fraction ``keep`` in (0, 1] (``name``: the argument, for the message)."""
-    value = _number(keep, name)
-    if not 0 < value <= 1:
-        raise ValueError(f"{name} must be a float in (0, 1], got {keep!r}")
-    return value
+    return check_probability(keep, name, allow_zero=False)

@@ -210,6 +210,10 @@ def test_compute_errors_and_bad_construction():
         CCAMeter(3, 2.5)
     with pytest.raises(ValueError, match="ridge"):
         CCAMeter(3, ridge=-1.0)
+    with pytest.raises(TypeError, match="null_baseline must be a bool"):
+        CCAMeter(3, null_baseline="yes")
+    with pytest.raises(TypeError, match="check_finite must be a bool"):
+        CCAMeter(3, check_finite=1)
 
 
 def test_sync_without_distributed_keeps_the_statistics_but_guards():

@@ -93,7 +93,7 @@ def test_bad_arguments_and_inputs():
     assert monitor.steps == 2  # rejected steps are not counted
     with pytest.raises(TypeError, match="log must be a callable"):
         CCAMonitor(log="print")
-    with pytest.raises(TypeError, match="ridge must be a float"):
+    with pytest.raises(TypeError, match="ridge must be a real number"):
         CCAMonitor(ridge="0.1")
 
 
@@ -175,3 +175,37 @@ def test_update_does_not_sync_with_the_host(monkeypatch):
     monitor.update(x, y)
     monkeypatch.undo()
     assert calls == []
+
+
+def test_lightning_fit_with_a_short_window_logs_the_readouts():
+    lightning = pytest.importorskip("lightning")
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(8, 16)
+            self.monitor = CCAMonitor(every=2)  # 8 rows per step, 2(p + q) = 32 rows needed: reports from step 4
+            self.logged = []
+
+        def training_step(self, batch, batch_idx):
+            z = self.net(batch[0])
+            result = self.monitor.update(z[:, :8], z[:, 8:])
+            if result is not None:
+                self.log_dict(result.as_dict("cca/"))
+                self.logged.append(result.as_dict("cca/"))
+            return z.pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8))
+    module = Module()
+    trainer = lightning.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, accelerator="cpu", devices=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    assert sum(issubclass(w.category, CCASampleSizeWarning) for w in record) == 1
+    assert [d["cca/n"] for d in module.logged] == [32.0, 32.0, 32.0]  # steps 4, 6, 8
+    assert trainer.callback_metrics["cca/mean"].item() == pytest.approx(module.logged[-1]["cca/mean"])
+    assert {"cca/null_mean", "cca/excess", "cca/rank_x", "cca/rank_y"} <= set(trainer.callback_metrics)
