@@ -42,7 +42,7 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
         if not torch.is_autocast_enabled(device_type):
             return None
         return torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4: per-device functions without arguments
+    except (TypeError, AttributeError):  # torch < 2.4: per-device functions without arguments
         if device_type == "cpu":
             return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None

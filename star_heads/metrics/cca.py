@@ -8,13 +8,13 @@ cosines of the principal angles between their column spaces (Björck & Golub, 19
 with the rank cut-off applied to each view. Everything runs detached, in float64, with autocast off,
 on views pre-scaled by a power of two (exact, so any float64 magnitude works). Two routes:
 
-* **Covariance route** (default, about a quarter of the time of a QR + SVD of the data): one Gram
+* **Covariance route** (default, a fraction of the time of a QR + SVD of the data): one Gram
   matrix Zᵀ Z of Z = [X, Y], an eigendecomposition of each view's block, an SVD of the p×q whitened
   cross block (:mod:`star_heads.metrics.covariance`, shared with :class:`~star_heads.metrics.CCAMeter`).
 * **QR/SVD route** (fallback): Xc = Q R, R = U_R S Vᵀ, Ux = Q U_R restricted to the kept directions.
   Used when the covariance route cannot guarantee ~1e-11 accuracy because it squares the condition
-  number: a kept direction with λ < λ_max / 1e4 (singular value below 1 % of the largest), or a dropped one
-  within a factor 100 of the cut-off (``SPREAD_LIMIT``, ``DROP_MARGIN``).
+  number: a kept direction with λ < λ_max / 1e6 (singular value below 0.1 % of the largest), or a dropped
+  one within a factor 100 of the cut-off (``SPREAD_LIMIT``, ``DROP_MARGIN`` in the covariance module).
 
 Regularised CCA (``ridge > 0``) replaces Cxx by Cxx + ridge·(tr Cxx / p)·I, i.e. scales each whitened
 direction by s/sqrt(s² + ridge·mean(s²)). Also SVCCA (Raghu et al., 2017) and PWCCA (Morcos et al., 2018).
@@ -30,6 +30,7 @@ from star_heads.metrics.covariance import (
     gram,
     magnitude,
     power_of_two_scale,
+    rounding_floor,
     shrink_factors,
     view_spectrum,
     whitened_correlations,
@@ -63,7 +64,8 @@ def _prepare(view: torch.Tensor, name: str, out: torch.Tensor | None = None) -> 
         raise ValueError(f"{name} contains NaN or Inf values")
     out = view.detach().to(torch.float64, copy=True) if out is None else out.copy_(view.detach())
     out.mul_(power_of_two_scale(top))  # exact: no overflow or underflow in the Gram matrix
-    return out.sub_(out.mean(dim=0, keepdim=True))
+    out.sub_(out.mean(dim=0, keepdim=True))
+    return out.sub_(out.mean(dim=0, keepdim=True))  # again: removes the rounding of the first mean
 
 
 def _prepare_pair(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -92,13 +94,15 @@ def _qr_svd(xc: torch.Tensor, tol: float, ridge: float) -> tuple[torch.Tensor, t
     """(Q, U_R restricted to the kept directions, ridge shrinkage) of Xc = Q R, R = U_R S Vᵀ."""
     q, r = torch.linalg.qr(xc)
     u_r, s, _ = torch.linalg.svd(r)
-    rank = int((s > tol * s[0]).sum()) if s[0] > 0 else 0
+    floor = rounding_floor(xc.shape[0]) ** 0.5
+    rank = int(((s > tol * s[0]) & (s > floor)).sum())
     return q, u_r[:, :rank], shrink_factors(s, rank, ridge, xc.shape[1])
 
 
 def _correlations(z: torch.Tensor, p: int, tol: float, ridge: float) -> torch.Tensor:
     g = gram(z)
-    sx, sy = view_spectrum(g[:p, :p], tol), view_spectrum(g[p:, p:], tol)
+    floor = rounding_floor(z.shape[0])
+    sx, sy = view_spectrum(g[:p, :p], tol, floor), view_spectrum(g[p:, p:], tol, floor)
     if sx.trusted and sy.trusted:
         return whitened_correlations(g[:p, p:], sx.whitener(), sy.whitener(), sx.shrink(ridge), sy.shrink(ridge))
     # ill-conditioned: orthonormal bases of the data, Ux = Qx U_Rx, so Uxᵀ Uy = U_Rxᵀ (Qxᵀ Qy) U_Ry
@@ -150,7 +154,7 @@ def mean_canonical_correlation(x: torch.Tensor, y: torch.Tensor, **kwargs: float
 def _reduce_to_variance(xc: torch.Tensor, keep: float) -> torch.Tensor:
     u, s, _ = torch.linalg.svd(xc, full_matrices=False)
     var = s * s
-    if var.sum() == 0:
+    if var[0] <= rounding_floor(xc.shape[0]):  # constant view (to rounding)
         return xc[:, :0]
     frac = torch.cumsum(var, 0) / var.sum()
     r = min(int((frac < keep).sum()) + 1, s.numel())  # smallest r with cumulative variance >= keep

@@ -28,6 +28,7 @@ __all__ = [
     "magnitude",
     "power_of_two",
     "power_of_two_scale",
+    "rounding_floor",
     "scale_exponent",
     "scaled",
     "shrink_factors",
@@ -36,10 +37,20 @@ __all__ = [
 ]
 
 SPREAD_LIMIT = 1e6
-"""Largest λ_max / λ_min among kept directions for which the covariance route is trusted (error ≲ 1e-11, measured)."""
+"""Largest λ_max / λ_min among kept directions for which the covariance route is trusted (tests: within 1e-10 of a QR oracle)."""
 
 DROP_MARGIN = 1e-2
 """Dropped directions must lie a factor 100 below the cut-off (λ <= 1e-2 · rank_tol² · λ_max) to be trusted."""
+
+EPS = float(torch.finfo(torch.float64).eps)
+
+
+def rounding_floor(n: int) -> float:
+    """Squared singular value below which a direction of a pre-scaled (max |x| < 1), centred view of n
+    samples is rounding, not data: (4 · eps)² · n. A constant column whose mean is not exactly
+    representable leaves such a residue; with it, the view has rank 0 as it should."""
+    return (4 * EPS) ** 2 * n
+
 
 _EXP_LIMIT = 1000  # 2^±1000 stays finite; scaled maxima lie in [2^-30, 2^24] for any finite float64 input
 
@@ -142,16 +153,19 @@ class ViewSpectrum:
         return min(int((frac < keep).sum()) + 1, self.values.numel())
 
 
-def view_spectrum(gram: torch.Tensor, rank_tol: float) -> ViewSpectrum:
-    """Spectrum of one view's (scaled, centred) Gram or covariance block [d, d], float64."""
+def view_spectrum(gram: torch.Tensor, rank_tol: float, floor: float = 0.0) -> ViewSpectrum:
+    """Spectrum of one view's pre-scaled, centred Gram block [d, d] (float64), rank cut-off applied.
+
+    Directions with λ <= ``floor`` (:func:`rounding_floor`) are dropped whatever ``rank_tol``.
+    """
     values, vectors = torch.linalg.eigh(gram)
     values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
     top = float(values[0])
-    if top <= 0:
+    if top <= floor:
         return ViewSpectrum(values, vectors, 0, True)
-    rank = int((values.sqrt() > rank_tol * top**0.5).sum())
+    rank = int(((values.sqrt() > rank_tol * top**0.5) & (values > floor)).sum())
     kept_ok = float(values[rank - 1]) >= top / SPREAD_LIMIT
-    dropped_ok = rank == values.numel() or float(values[rank]) <= DROP_MARGIN * rank_tol**2 * top
+    dropped_ok = rank == values.numel() or float(values[rank]) <= max(DROP_MARGIN * rank_tol**2 * top, floor)
     return ViewSpectrum(values, vectors, rank, kept_ok and dropped_ok)
 
 

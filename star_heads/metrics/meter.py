@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from star_heads._checks import check_bool, check_positive_int
-from star_heads.metrics.covariance import magnitude, view_spectrum, whitened_correlations
+from star_heads.metrics.covariance import magnitude, rounding_floor, view_spectrum, whitened_correlations
 from star_heads.metrics.null import null_mean_canonical_correlation
 from star_heads.metrics.statistics import CCAStatistics
 from star_heads.metrics.validation import check_cca_options, check_keep, check_sample_size, check_views
@@ -258,7 +258,9 @@ class CCAMeter:
         p = self.p
         with torch.no_grad(), torch.autocast(st.device.type, enabled=False):
             gram = st.centred_gram()
-            sx, sy = view_spectrum(gram[:p, :p], self.rank_tol), view_spectrum(gram[p:, p:], self.rank_tol)
+            floor = rounding_floor(st.n)
+            sx = view_spectrum(gram[:p, :p], self.rank_tol, floor)
+            sy = view_spectrum(gram[p:, p:], self.rank_tol, floor)
             fx, fy = sx.shrink(self.ridge), sy.shrink(self.ridge)
             rho = whitened_correlations(gram[:p, p:], sx.whitener(), sy.whitener(), fx, fy)
             svcca = None

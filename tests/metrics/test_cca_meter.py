@@ -88,6 +88,9 @@ def test_rank_deficient_and_constant_views_match_one_shot():
     np.testing.assert_allclose(r.correlations.numpy(), cca_orth(xd.numpy(), y.numpy()), atol=1e-10)
     const = _fed(torch.ones(800, 4), y, [800]).compute()
     assert (const.rank_x, const.correlations.numel(), const.mean, const.null_mean) == (0, 0, 0.0, 0.0)
+    for value in (0.1, 1 / 3, 1e-200 / 3):  # means that are not exactly representable
+        const = _fed(torch.full((800, 4), value, dtype=torch.float64), y, [300, 500]).compute()
+        assert (const.rank_x, const.correlations.numel()) == (0, 0)
 
 
 def test_float32_collapsed_embedding_rank_matches_one_shot():

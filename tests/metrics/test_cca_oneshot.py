@@ -115,12 +115,17 @@ def test_collapsed_float32_embedding_uses_its_true_rank():
     assert got[0] > 0.999 and got[1] > 0.999
 
 
-def test_constant_view_gives_empty_correlations_and_zero_mean():
-    x = torch.ones(50, 3)
-    y = torch.randn(50, 4)
+@pytest.mark.parametrize("value", [1.0, 0.1, 4.2, 1 / 3, 1e-200 / 3, 1e6 / 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_view_gives_empty_correlations_and_zero_mean(value, dtype):
+    # a mean that is not exactly representable leaves a rounding residue after centring: still rank 0
+    x = torch.full((301, 3), value, dtype=dtype)
+    y = torch.randn(301, 4, generator=torch.Generator().manual_seed(0))
     assert canonical_correlations(x, y).shape == (0,)
     assert float(mean_canonical_correlation(x, y)) == 0.0
     assert float(svcca(x, y)) == 0.0 and float(pwcca(x, y)) == 0.0
+    mixed = torch.cat([torch.randn(301, 2, dtype=dtype), x], dim=1)  # constant columns next to data: dropped
+    assert canonical_correlations(mixed, y).shape == (2,)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
