@@ -7,8 +7,9 @@ One BLAS and one torch thread; ``ours`` (``mean_canonical_correlation`` on float
 view, then the singular values of Qx^T Qy: the textbook route, Björck & Golub 1973) run interleaved; ``numpy``
 is also the reference for the errors. Views carry p/4 planted canonical correlations (0.9 … 0.1) under a random
 rotation, each view's condition number about ``cond`` (10; 10⁴ in one row, where the metric's covariance route
-hands over to its QR fallback). sklearn's ``CCA(n_components=p)`` (iterative NIPALS) runs once at one size. The null table is the expected mean CCA of
-independent views (``null_mean_canonical_correlation``), which docs/cca.md quotes.
+hands over to its QR fallback). sklearn's ``CCA(n_components=p)`` (iterative NIPALS) runs once at one size.
+The null table is the expected mean CCA of independent views (``null_mean_canonical_correlation``), which
+docs/cca.md quotes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._common import interleaved, machine_info, machine_line, output_dir, table, write_json, write_section
+from benchmarks._common import (interleaved, machine_info, machine_line, output_dir, single_thread, table, write_json,
+                                write_section)
 from star_heads.metrics import CCAMeter, mean_canonical_correlation, null_mean_canonical_correlation
 
 FULL = {"configs": [(4096, 64, 10), (4096, 128, 10), (16384, 64, 10), (16384, 128, 10), (4096, 512, 10),
@@ -112,13 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--no-sklearn", action="store_true")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)  # numpy's BLAS / LAPACK
-    except ImportError:
-        pass
+    single_thread()  # torch and numpy's BLAS / LAPACK
     cfg, out = QUICK if a.quick else FULL, output_dir(a.out_dir, a.quick)
     repeats = a.repeats or cfg["repeats"]
     try:

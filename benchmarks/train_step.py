@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import (interleaved, machine_info, machine_line, output_dir, peak_bytes, saved_bytes, table,
-                                write_json, write_section)
+from benchmarks._common import (interleaved, machine_info, machine_line, output_dir, peak_bytes, saved_bytes,
+                                single_thread, table, write_json, write_section)
 from star_heads.adapters import EquiModAdapter, SimCLRAdapter
 from star_heads.baselines import SeparateHeads
 from star_heads.metrics import CCAMonitor
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--backbone", choices=("convnet", "resnet18"), default="convnet")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    single_thread()
     cfg, out = QUICK if a.quick else FULL, output_dir(a.out_dir, a.quick)
     p = {"benchmark": "train_step", "quick": a.quick, "machine": machine_info(), "timer": "process CPU time",
          "result": run(cfg, a.backbone, a.repeats or cfg["repeats"])}
