@@ -4,9 +4,12 @@
 Runs anywhere (CPU, no download, a few minutes on 2 cores): EquiMod-style objective (invariant
 NT-Xent + equivariant NT-Xent with STAR's residual predictor on the 11-D augmentation parameters),
 STAR head with 8 experts, a small ConvNet; then a linear probe of the frozen backbone on four tasks
-(shape, colour, rotation, scikit-learn digits). Prints the transfer table and the final
-CCA(inv, eq) with its null baseline; everything lands in the run directory (default runs/demo):
-config.json, metrics.jsonl, checkpoint.pt, cca.png, gates.png, losses.png, results.json.
+(shape, colour, rotation, scikit-learn digits), beside the same probe of the *untrained* backbone
+(the seeded initial weights of the same run): the in-domain shape probe must beat it for the
+pretraining to have learned anything, and the margin is printed. Prints the transfer table and the
+final CCA(inv, eq) with its null baseline; everything lands in the run directory (default runs/demo):
+config.json, metrics.jsonl, checkpoint.pt, cca.png, gates.png, losses.png, results.json, and the
+untrained baseline in runs/demo/untrained/.
 
     python examples/demo.py              # ~2-3 min on a 2-core CPU
     python examples/demo.py --quick      # a few seconds: the CI smoke form
@@ -27,12 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pretrain  # noqa: E402
 import transfer  # noqa: E402
+from common.backbones import write_untrained_run  # noqa: E402
 from common.datasets import DatasetError  # noqa: E402
 from common.runs import RunDir, RunError  # noqa: E402
 
 __all__ = ["DEMO", "QUICK", "main"]
 
 TAG = "demo"
+UNTRAINED = "untrained"  # sub-directory of the run holding the untrained baseline
 # Pretraining settings of the demo (the rest are pretrain.py's defaults: equimod, star, SGD 0.03).
 DEMO = {"epochs": 12, "batch_size": 128, "num_train": 2048, "num_heldout": 1024, "width": 16, "num_experts": 8}
 QUICK = {"epochs": 1, "batch_size": 32, "num_train": 64, "num_heldout": 256, "width": 4, "num_experts": 4,
@@ -55,7 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Pretrains, probes and prints; returns transfer.run_transfer's results."""
+    """Pretrains, probes the pretrained and the untrained backbone, prints.
+
+    Returns:
+        ``{"pretrained": ..., "untrained": ..., "shape_margin": float}``: transfer.run_transfer's results
+        of both backbones and the shape-probe difference (pretrained − untrained, accuracy in [−1, 1]).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = _parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -75,19 +85,26 @@ def main(argv: list[str] | None = None) -> dict:
     print("pretrain.py " + " ".join(cmd), flush=True)
     pretrain.main(cmd)
     t1 = time.perf_counter()
-    res = transfer.run_transfer(out.path, device=args.device, **(TRANSFER_QUICK if args.quick else TRANSFER))
+    probe = TRANSFER_QUICK if args.quick else TRANSFER
+    res = transfer.run_transfer(out.path, device=args.device, **probe)
+    base_dir = out.path / UNTRAINED
+    write_untrained_run(base_dir, {**res["config"], "tag": f"{TAG}-untrained"})
+    base = transfer.run_transfer(base_dir, device=args.device, **probe)
     t2 = time.perf_counter()
-    print("\nLinear-probe transfer of the frozen backbone (test accuracy %):\n")
-    print(transfer.comparison_table([res]))
+    shape, shape0 = res["tasks"]["shape"]["accuracy"], base["tasks"]["shape"]["accuracy"]
+    print("\nLinear-probe transfer of the frozen backbone (test accuracy %), untrained vs pretrained:\n")
+    print(transfer.comparison_table([base, res]))
+    print(f"\nIn-domain shape probe: pretrained {100 * shape:.1f} % vs untrained {100 * shape0:.1f} % "
+          f"(same seed, same initial weights): {100 * (shape - shape0):+.1f} points")
     fin = res["final"]
     if fin.get("cca_mean") is not None:
         print(f"\nFinal CCA(inv, eq) on {settings['num_heldout']} held-out images: {fin['cca_mean']:.3f} "
               f"(null baseline, shuffled pairs: {fin['cca_null']:.3f}; lower = less redundant)")
     if fin.get("effective_experts"):
         print("Effective experts per task (inv, eq): " + ", ".join(f"{v:.2f}" for v in fin["effective_experts"]))
-    print(f"\nWall time: pretrain {t1 - t0:.0f} s + transfer {t2 - t1:.0f} s. Run directory: {out.path} "
-          "(metrics.jsonl, checkpoint.pt, cca.png, gates.png, losses.png, results.json)")
-    return res
+    print(f"\nWall time: pretrain {t1 - t0:.0f} s + transfer of both backbones {t2 - t1:.0f} s. Run directory: "
+          f"{out.path} (metrics.jsonl, checkpoint.pt, cca.png, gates.png, losses.png, results.json; {UNTRAINED}/)")
+    return {"pretrained": res, "untrained": base, "shape_margin": shape - shape0}
 
 
 def cli(argv: list[str] | None = None) -> int:

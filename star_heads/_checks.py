@@ -214,7 +214,7 @@ def check_float_tensor(
                 )
     if finite and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or Inf value(s) (shape {tuple(x.shape)})")
+        raise ValueError(f"{name} contains NaN or Inf values ({bad} of {x.numel()}, shape {tuple(x.shape)})")
     return x
 
 

@@ -26,7 +26,7 @@ __all__ = ["SeparateHeads", "SharedSpecificHead"]
 
 
 class SeparateHeads(TaskHead):
-    """One independent MLP per task (the separate-heads baseline of EquiMod).
+    """One independent MLP per task (the separate-heads baseline of EquiMod, ICLR 2023, arXiv 2211.01244).
 
     Each task owns a single-expert :class:`ExpertBank`, so ``head(x, task=...)`` computes only that task's MLP.
 
@@ -36,7 +36,7 @@ class SeparateHeads(TaskHead):
         output_dim: Embedding size.
         num_layers: Linear layers per MLP.
         tasks: Task names, one MLP each.
-        norm_layer, act_layer, last_norm_layer, last_bias: Layer options, as :class:`~star_heads.MMoEHead`.
+        norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias: Layer options, as :class:`~star_heads.MMoEHead`.
         check_finite: See :class:`~star_heads.TaskHead` (one host sync per call).
         device: Factory kwarg.
         dtype: Factory kwarg.
@@ -54,13 +54,14 @@ class SeparateHeads(TaskHead):
         act_layer: type[nn.Module] = nn.ReLU,
         last_norm_layer: type[nn.Module] | None = None,
         last_bias: bool = True,
+        hidden_bias: bool = False,
         check_finite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
         options = {
-            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias), "device": device, "dtype": dtype,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), "device": device, "dtype": dtype,
         }
         self.heads = nn.ModuleDict(
             {t: ExpertBank(1, input_dim, hidden_dim, output_dim, num_layers, **options) for t in self.tasks}
@@ -81,7 +82,7 @@ class SeparateHeads(TaskHead):
     ) -> SeparateHeads:
         """Separate heads whose hidden width makes them as large as ``reference`` (a fair STAR baseline).
 
-        STAR's gains are reported against EquiMod's separate heads at roughly matched size (STAR, Sec. 4,
+        STAR's gains are reported against EquiMod's separate heads at roughly matched size (STAR experiments,
         arXiv 2510.27222); this picks the hidden width so that the parameter count is within 5 % of the
         reference's and the FLOPs within 10 % (counts defined in :mod:`star_heads.sizing`: all parameters;
         multiply-adds per sample of the Linear layers, routers included).
@@ -130,7 +131,7 @@ class SharedSpecificHead(TaskHead):
         output_dim: Embedding size.
         num_layers: Linear layers per expert.
         tasks: Task names.
-        norm_layer, act_layer, last_norm_layer, last_bias: Layer options, as :class:`~star_heads.MMoEHead`.
+        norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias: Layer options, as :class:`~star_heads.MMoEHead`.
         check_finite: See :class:`~star_heads.TaskHead` (one host sync per call).
         device: Factory kwarg.
         dtype: Factory kwarg.
@@ -148,6 +149,7 @@ class SharedSpecificHead(TaskHead):
         act_layer: type[nn.Module] = nn.ReLU,
         last_norm_layer: type[nn.Module] | None = None,
         last_bias: bool = True,
+        hidden_bias: bool = False,
         check_finite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -156,7 +158,7 @@ class SharedSpecificHead(TaskHead):
         t = self.num_tasks
         self.experts = ExpertBank(
             t + 1, input_dim, hidden_dim, output_dim, num_layers,
-            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias), device=device, dtype=dtype,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), device=device, dtype=dtype,
         )
         self.hidden_dim = hidden_dim
         mixing = torch.cat([torch.eye(t, device=device), torch.ones(t, 1, device=device)], dim=1)  # [t, t+1]

@@ -226,6 +226,7 @@ class MMoEHead(TaskHead):
         act_layer: Activation after each hidden norm.
         last_norm_layer: Optional norm after the last Linear.
         last_bias: Whether the last Linear has a bias.
+        hidden_bias: Whether the hidden Linears have a bias (the paper's experts have none: BatchNorm follows).
         temperature: Router softmax temperature (1 in the paper).
         learn_temperature: Learn the router temperature.
         conditional: Input-dependent gates (``False``: one learned logit vector per task).
@@ -248,6 +249,7 @@ class MMoEHead(TaskHead):
         act_layer: type[nn.Module] = nn.ReLU,
         last_norm_layer: type[nn.Module] | None = None,
         last_bias: bool = True,
+        hidden_bias: bool = False,
         temperature: float = 1.0,
         learn_temperature: bool = False,
         conditional: bool = True,
@@ -260,7 +262,7 @@ class MMoEHead(TaskHead):
         factory = {"device": device, "dtype": dtype}
         self.experts = ExpertBank(
             num_experts, input_dim, hidden_dim, output_dim, num_layers,
-            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias), **factory,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), **factory,
         )
         self.router = SoftRouter(
             input_dim, num_experts, len(self.tasks), temperature=temperature, learn_temperature=learn_temperature,
@@ -289,18 +291,19 @@ class MMoEHead(TaskHead):
         return self.router(x)
 
 
-def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias) -> dict[str, Any]:
+def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias=False) -> dict[str, Any]:
     """The bank's layer options, type-checked under the names the user gave them."""
     return {
         "norm_layer": check_layer(norm_layer, "norm_layer"),
         "act_layer": check_layer(act_layer, "act_layer", optional=False),
         "last_norm_layer": check_layer(last_norm_layer, "last_norm_layer"),
         "last_bias": check_bool(last_bias, "last_bias"),
+        "hidden_bias": check_bool(hidden_bias, "hidden_bias"),
     }
 
 
 class STARHead(MMoEHead):
-    """MMoE head with the STAR paper's defaults (Sec. 4 of arXiv 2510.27222): hidden = input_dim, output 128,
+    """MMoE head with the STAR paper's defaults (its experimental setup, arXiv 2510.27222): hidden = input_dim, output 128,
     3 layers, tasks inv/eq, N = 8.
 
     Experts are ``d → d → d → 128`` MLPs (Linear no bias → BN → ReLU, twice, then Linear with bias, no
@@ -364,7 +367,7 @@ class _LightlyDropIn(_DefaultTaskHead):
     ``expert_hidden_dim`` defaults to the largest width at which the whole STAR head (N experts + routers)
     has at most twice the parameters of that lightly head — the budget of the two heads (invariant and
     equivariant) that STAR replaces. Pass ``expert_hidden_dim=hidden_dim`` for the paper's per-expert shape
-    (every expert as wide as the lightly head, STAR Sec. 4), at N times the parameters.
+    (every expert as wide as the lightly head, as in the STAR paper's setup), at N times the parameters.
     """
 
     def __init__(

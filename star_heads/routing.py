@@ -26,6 +26,7 @@ from star_heads._checks import (
     check_positive_float,
     check_positive_int,
 )
+from star_heads._expert_kernels import autocast_dtype
 
 __all__ = ["SoftRouter", "RoutingStats", "routing_stats"]
 
@@ -108,10 +109,12 @@ class SoftRouter(nn.Module):
         else:
             logits = self.logits[rows].to(x.dtype).expand(x.shape[0], -1)
         logits = rearrange(logits, "b (t n) -> b t n", n=n)
-        gates = torch.softmax(logits.float() / self.temperature.float(), dim=-1)
+        compute = torch.promote_types(logits.dtype, torch.float32)  # fp16/bf16 logits: softmax in fp32
+        gates = torch.softmax(logits.to(compute) / self.temperature.to(compute), dim=-1)
         if self.top_k is not None and self.top_k < n:
             gates = _keep_top_k(gates, self.top_k)
-        return gates
+        # under autocast the bank casts the gates itself; otherwise they take the input's dtype
+        return gates if autocast_dtype(x.device.type) is not None else gates.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -130,7 +133,7 @@ def _keep_top_k(gates: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RoutingStats:
-    """What users log to see expert specialisation (STAR, Sec. 5: shared vs task-specific experts).
+    """What users log to see expert specialisation (the STAR paper, arXiv 2510.27222, analyses experts as shared vs task-specific).
 
     Attributes:
         mean_gate: ``[T, N]`` mean gate of each expert for each task (rows sum to 1): the expert's load.

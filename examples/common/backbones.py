@@ -6,10 +6,13 @@ builder returns the module *and* its feature width ``d`` (512 for ResNet-18, 204
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "ConvNet", "build_backbone", "resolve_backbone", "torchvision_error"]
+__all__ = ["BACKBONES", "ConvNet", "build_backbone", "resolve_backbone", "torchvision_error", "write_untrained_run"]
 
 BACKBONES = ("auto", "convnet", "resnet18", "resnet50")
 
@@ -102,3 +105,21 @@ def build_backbone(name: str, *, width: int = 32, cifar_stem: bool = False) -> t
         net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     return net, dim
+
+
+def write_untrained_run(run_dir: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Writes a run directory holding the *untrained* backbone of ``config`` — the floor pretraining must beat.
+
+    The backbone is built right after ``torch.manual_seed(config["seed"])``, exactly as ``pretrain.py``
+    builds it, so it is the initial state of the pretraining run with the same seed (the transfer of
+    the two is a paired comparison). ``config`` is a pretrain.py config (``backbone``, ``width``,
+    ``cifar_stem``, ``seed``, ``dataset``, ``image_size``, ...); the directory gets ``head="random"``
+    and a checkpoint with ``epoch=0`` that ``transfer.py`` can probe.
+    """
+    from common.runs import RunDir
+
+    torch.manual_seed(config["seed"])
+    backbone, dim = build_backbone(config["backbone"], width=config["width"], cifar_stem=config.get("cifar_stem", False))
+    run = RunDir.create(run_dir, overwrite=True)
+    run.write_config({**config, "head": "random", "invariant_only": True})
+    run.save_checkpoint({"epoch": 0, "step": 0, "feature_dim": dim, "backbone": backbone.state_dict()})

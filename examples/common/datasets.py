@@ -8,7 +8,10 @@ Splits (all seeded; different seeds give independent draws):
 
 * ``shapes``: pretraining images from the run's seed ``s``; the held-out set (CCA, kNN queries) and
   the transfer train / test sets from fixed seeds (:data:`HELDOUT_SEED`, :data:`TRANSFER_SEEDS`), so
-  runs of different seeds are measured on the same images.
+  runs of different seeds are measured on the same images. ``shapes`` draws its objects on a plain
+  (black, noisy) background; ``shapes-texture`` on a textured background that is different for every
+  image — a per-image fingerprint that solves instance discrimination without looking at the object,
+  kept as the negative control (see docs/data.md, "Which background").
 * ``digits``: the 1797 bundled digits, permuted with a fixed seed: a fixed 30% is the test split,
   the rest is train (pretraining uses train only).
 * ``cifar10`` / ``stl10``: the official train (STL10: train+unlabeled for pretraining) and test splits.
@@ -27,13 +30,16 @@ __all__ = [
     "DatasetError",
     "ImageSet",
     "PretrainData",
+    "SHAPES_BACKGROUND",
     "TransferTask",
     "pretrain_data",
     "to_float",
     "transfer_tasks",
 ]
 
-DATASETS = ("shapes", "digits", "cifar10", "stl10")
+DATASETS = ("shapes", "shapes-texture", "digits", "cifar10", "stl10")
+# Background of each shapes variant (star_heads.data.make_shapes(background=...)).
+SHAPES_BACKGROUND = {"shapes": "plain", "shapes-texture": "texture"}
 SHAPES_TASKS = ("shape", "color", "rotation")
 HELDOUT_SEED = 1_000_003
 TRANSFER_SEEDS = (2_000_003, 3_000_017)
@@ -87,14 +93,14 @@ def _subset(n: int, k: int, seed: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def _shapes_data(n: int, image_size: int, seed: int) -> Any:
+def _shapes_data(n: int, image_size: int, seed: int, background: str) -> Any:
     from star_heads.data.shapes import make_shapes
 
-    return make_shapes(n, image_size=image_size, seed=seed)
+    return make_shapes(n, image_size=image_size, seed=seed, background=background)
 
 
-def _shapes(n: int, image_size: int, seed: int, factor: str = "shape") -> ImageSet:
-    d = _shapes_data(n, image_size, seed)
+def _shapes(name: str, n: int, image_size: int, seed: int, factor: str = "shape") -> ImageSet:
+    d = _shapes_data(n, image_size, seed, SHAPES_BACKGROUND[name])
     return ImageSet(d.images, d.factors[factor].long(), int(d.num_classes[factor]))
 
 
@@ -153,9 +159,10 @@ def pretrain_data(
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    if name == "shapes":
-        train = _shapes(num_train, image_size, seed)
-        return PretrainData(train, _shapes(num_heldout, image_size, HELDOUT_SEED), ImageSet(train.images[:num_knn_bank], train.labels[:num_knn_bank], train.num_classes))
+    if name in SHAPES_BACKGROUND:
+        train = _shapes(name, num_train, image_size, seed)
+        bank = ImageSet(train.images[:num_knn_bank], train.labels[:num_knn_bank], train.num_classes)
+        return PretrainData(train, _shapes(name, num_heldout, image_size, HELDOUT_SEED), bank)
     if name == "digits":
         train, test = _digits(image_size)
         return PretrainData(train, test, train)
@@ -181,24 +188,25 @@ def transfer_tasks(
 ) -> dict[str, TransferTask]:
     """The linear-probe tasks for a run pretrained on ``name``.
 
-    ``shapes`` → ``shape`` (in-domain, semantic), ``color`` and ``rotation`` (augmentation-
+    ``shapes`` (and ``shapes-texture``, on its own background) → ``shape`` (in-domain, semantic), ``color`` and ``rotation`` (augmentation-
     sensitive: colour jitter and crops change them) and ``digits`` (out-of-domain real images).
     ``digits`` → ``digits``. ``cifar10`` → ``cifar10``; ``stl10`` → ``stl10``. ``tasks`` selects
     (and may add ``digits``, ``cifar10`` or ``stl10`` to any run).
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    default = {"shapes": [*SHAPES_TASKS, "digits"], "digits": ["digits"], "cifar10": ["cifar10"], "stl10": ["stl10"]}[name]
+    shapes = name in SHAPES_BACKGROUND
+    default = [*SHAPES_TASKS, "digits"] if shapes else [name]
     tasks = list(default if tasks is None else tasks)
-    known = ({*SHAPES_TASKS} if name == "shapes" else set()) | {"digits", "cifar10", "stl10"}
+    known = ({*SHAPES_TASKS} if shapes else set()) | {"digits", "cifar10", "stl10"}
     bad = [t for t in tasks if t not in known]
     if bad:
         raise DatasetError(f"unknown transfer task(s) {', '.join(bad)} for a {name} run; expected some of {', '.join(sorted(known))}")
     out: dict[str, TransferTask] = {}
     for t in tasks:
         if t in SHAPES_TASKS:
-            tr = _shapes(num_train, image_size, TRANSFER_SEEDS[0], t)
-            te = _shapes(num_test, image_size, TRANSFER_SEEDS[1], t)
+            tr = _shapes(name, num_train, image_size, TRANSFER_SEEDS[0], t)
+            te = _shapes(name, num_test, image_size, TRANSFER_SEEDS[1], t)
             kind = "in-domain" if t == "shape" else "augmentation-sensitive"
             out[t] = TransferTask(tr, te, int(tr.num_classes), kind)
         elif t == "digits":

@@ -16,7 +16,7 @@ from common.datasets import DATASETS
 __all__ = ["HEADS", "METHODS", "RUNTIME_KEYS", "CLIError", "OneLineParser", "build_parser", "resolve_device", "validate"]
 
 METHODS = ("simclr", "vicreg", "equimod")
-HEADS = ("star", "separate", "shared", "single")
+HEADS = ("star", "separate", "shared", "single", "equimod")
 # Options a resumed run may change (everything else comes from the run's config.json).
 RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads")
 
@@ -45,8 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer style: SimCLR (NT-Xent), VICReg, or EquiMod (NT-Xent invariant + equivariant)")
     g.add_argument("--head", default="star", choices=HEADS,
                    help="star = STAR soft-routed experts; separate = EquiMod's two heads; shared = STAR-SS "
-                   "(shared + specific experts); single = one invariant head (invariant-only baseline)")
-    g.add_argument("--num-experts", type=int, default=8, help="experts N of the STAR head")
+                   "(shared + specific experts); single = one invariant head (invariant-only baseline); "
+                   "equimod = EquiMod's own head shape (SeparateHeads.equimod: d → H → H → 128, final BN "
+                   "without affine; H = --hidden-dim, default 2048)")
+    g.add_argument("--num-experts", type=int, default=8,
+                   help="experts N of the STAR head (with --match-params: of the STAR head to match)")
+    g.add_argument("--hidden-dim", type=int, default=None,
+                   help="hidden width of the head's MLPs (default: the backbone's feature width; equimod: 2048)")
+    g.add_argument("--match-params", action="store_true",
+                   help="separate / shared / single: choose the hidden width so that the head has the parameter "
+                   "count (within 5%%) and FLOPs (within 10%%) of the STAR head with --num-experts experts")
     g.add_argument("--invariant-only", action="store_true",
                    help="train only the invariant objective adapter(h1, h2) (implied by --head single)")
     g.add_argument("--predictor", default="star", choices=("star", "equimod"),
@@ -97,7 +105,9 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "num_experts", "num_train", "num_heldout", "width"):
         if cfg[key] < 1:
             raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("steps_per_epoch", "stop_after", "image_size", "threads"):
+    if cfg.get("match_params") and cfg["head"] in ("star", "equimod"):
+        raise CLIError(f"--match-params sizes a baseline head to STAR; it does not apply to --head {cfg['head']}")
+    for key in ("steps_per_epoch", "stop_after", "image_size", "threads", "hidden_dim"):
         if cfg.get(key) is not None and cfg[key] < 1:
             raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if cfg["num_heldout"] < 130:

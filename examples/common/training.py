@@ -21,7 +21,8 @@ from common.datasets import PretrainData, to_float
 from common.knn import knn_accuracy
 
 __all__ = [
-    "SSLModel", "build_adapter", "build_augment", "evaluate", "extract_features", "make_loader", "original_view", "progress",
+    "SSLModel", "build_adapter", "build_augment", "build_head_module", "evaluate", "extract_features", "make_loader",
+    "original_view", "progress",
 ]
 
 
@@ -49,14 +50,28 @@ def build_adapter(cfg: dict[str, Any], feat_dim: int, *, distributed: bool = Fal
     cls = {"simclr": adapters.SimCLRAdapter, "vicreg": adapters.VICRegAdapter, "equimod": adapters.EquiModAdapter}
     # cca_every=0: the examples measure CCA(inv, eq) on a fixed held-out set every epoch instead of on
     # training batches (and a resumed run then logs exactly what an uninterrupted one does).
-    kwargs: dict[str, Any] = dict(head=cfg["head"], param_dim=PARAM_DIM,
+    kwargs: dict[str, Any] = dict(head=build_head_module(cfg, feat_dim), param_dim=PARAM_DIM,
                                   lam=cfg["lam"], gather=distributed, predictor=cfg.get("predictor", "star"),
                                   cca_every=0)
-    if cfg["head"] == "star":
-        kwargs["num_experts"] = cfg["num_experts"]
     if cfg["method"] != "vicreg":
         kwargs.update(temperature=cfg["temperature"], eq_temperature=cfg["temperature"])
     return cls[cfg["method"]](feat_dim, **kwargs)
+
+
+def build_head_module(cfg: dict[str, Any], feat_dim: int) -> nn.Module:
+    """The projection head of ``cfg``: ``head``, ``num_experts``, ``hidden_dim`` and ``match_params``.
+
+    ``equimod`` is EquiMod's head shape (``SeparateHeads.equimod``, hidden ``cfg['hidden_dim']`` or 2048);
+    ``match_params`` sizes a baseline kind to the STAR head with ``num_experts`` experts (``build_head``).
+    """
+    from star_heads import SeparateHeads, build_head
+
+    hidden = cfg.get("hidden_dim")
+    if cfg["head"] == "equimod":
+        return SeparateHeads.equimod(feat_dim, hidden_dim=hidden or 2048)
+    star_sized = cfg["head"] == "star" or cfg.get("match_params", False)
+    return build_head(cfg["head"], feat_dim, hidden_dim=hidden, num_experts=cfg["num_experts"] if star_sized else None,
+                      match_params=cfg.get("match_params", False))
 
 
 def build_augment(cfg: dict[str, Any], device: torch.device) -> nn.Module:

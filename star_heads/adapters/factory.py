@@ -30,7 +30,7 @@ def build_head(
     """Returns a head with tasks ``("inv", "eq")`` (``"single"``: ``("inv",)``), or ``kind`` itself if it is a module.
 
     Every kind uses the same expert shape ``input_dim → hidden → hidden → output_dim`` (hidden defaults to
-    ``input_dim``, as in STAR, Sec. 4 of arXiv 2510.27222), so ablations differ only in how the tasks share
+    ``input_dim``, as in the STAR paper, arXiv 2510.27222), so ablations differ only in how the tasks share
     parameters:
 
     * ``"star"``: :class:`~star_heads.STARHead`, ``num_experts`` (default 8) experts with one soft router per task;
@@ -54,7 +54,7 @@ def build_head(
         num_layers: Linear layers per expert / MLP.
         match_params: Size a baseline kind to the STAR head of the same arguments.
         **options: Flat layer options valid for every kind (``norm_layer``, ``act_layer``,
-            ``last_norm_layer``, ``last_bias``, ``check_finite``, ``device``, ``dtype``) and router options
+            ``last_norm_layer``, ``last_bias``, ``hidden_bias``, ``check_finite``, ``device``, ``dtype``) and router options
             (``temperature``, ``learn_temperature``, ``conditional``, ``top_k``) valid for ``"star"`` or
             with ``match_params``.
 

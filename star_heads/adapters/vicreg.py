@@ -7,6 +7,7 @@ from typing import Any
 
 from star_heads.adapters.base import JointAdapter, LossFn
 from star_heads.losses import vicreg
+from star_heads.losses.vicreg import _check_convention, _check_eps, _check_weight
 
 __all__ = ["VICRegAdapter"]
 
@@ -47,6 +48,10 @@ class VICRegAdapter(JointAdapter):
         eq_loss: LossFn | None = None,
         **kwargs: Any,
     ) -> None:
+        sim, var, cov = _check_weight(sim, "sim"), _check_weight(var, "var"), _check_weight(cov, "cov")
+        eps, variance_convention = _check_eps(eps), _check_convention(variance_convention)  # at construction
+        if not isinstance(gather, bool):
+            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
         default = partial(
             vicreg, sim=sim, var=var, cov=cov, eps=eps, variance_convention=variance_convention, gather=gather
         )

@@ -1,4 +1,13 @@
-"""One-line integrations with the SSL libraries our users come from (imported lazily)."""
+"""Integrations with the SSL libraries our users come from (see docs/integrations.md).
+
+* :func:`swap_projector` (here): replace any MLP projector attribute by a STAR head of the same architecture.
+* ``star_heads.integrations.lightly``: ``replace_projection_head`` for lightly models.
+* ``star_heads.integrations.solo_learn``: ``replace_projector`` (momentum methods included) and
+  ``STAREquivariantMixin`` for solo-learn methods; solo-learn is imported only when called.
+* ``star_heads.integrations.lightning``: ``STARLoggingCallback``; importable only where Lightning is installed.
+
+None of these libraries is imported by ``import star_heads``.
+"""
 
 from star_heads.integrations.swap import swap_projector
 

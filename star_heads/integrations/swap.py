@@ -51,7 +51,10 @@ class ProjectorSpec:
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def options(self) -> dict[str, Any]:
-        opts = {"norm_layer": self.norm_layer, "last_norm_layer": self.last_norm_layer, "last_bias": self.last_bias}
+        opts = {
+            "norm_layer": self.norm_layer, "last_norm_layer": self.last_norm_layer, "last_bias": self.last_bias,
+            "hidden_bias": self.hidden_bias,
+        }
         if self.act_layer is not None:
             opts["act_layer"] = self.act_layer
         return opts
@@ -70,8 +73,9 @@ def projector_spec(projector: nn.Module, *, drop_hidden_bias: bool = False) -> P
         projector: An ``nn.Sequential`` (nested ones are flattened) or a lightly ``ProjectionHead``, made of
             blocks ``Linear → [BatchNorm1d | SyncBatchNorm | LayerNorm] → [elementwise activation]``; every
             block but the last has an activation, all hidden blocks are alike, ``nn.Identity`` is skipped.
-        drop_hidden_bias: Accept hidden Linear biases with no BatchNorm after them although the experts
-            have none (solo-learn's SimCLR projector); otherwise that is refused.
+        drop_hidden_bias: Build experts without the hidden Linear biases the projector has (the paper's
+            experts have none; a BatchNorm after them cancels them anyway). By default they are kept, so
+            the experts reproduce the projector's layers exactly (solo-learn's SimCLR projector has them).
 
     Raises:
         TypeError: not a Sequential / lightly ProjectionHead.
@@ -93,15 +97,8 @@ def projector_spec(projector: nn.Module, *, drop_hidden_bias: bool = False) -> P
         if first["act"] is None:
             raise ValueError(f"{where}: hidden Linear {first['linear']} has no activation after it; experts need one between Linears")
         bias = first["linear"].bias is not None
-        after_bn = first["norm"] is not None and isinstance(first["norm"], nn.modules.batchnorm._NormBase)
-        if bias and after_bn:
-            notes.append("hidden Linear biases dropped: the BatchNorm after them removes any bias")
-        elif bias and not drop_hidden_bias:
-            raise ValueError(
-                f"{where}: its hidden Linear layers have biases with no BatchNorm after them, and the expert bank's hidden "
-                "Linears have none; pass drop_hidden_bias=True to accept experts without them"
-            )
-        elif bias:
+        if bias and drop_hidden_bias:
+            bias = False
             notes.append("hidden Linear biases dropped (drop_hidden_bias=True)")
         spec.update(norm_layer=_norm_spec(first["norm"]), act_layer=_act_spec(first["act"]), hidden_bias=bias)
     linears = [b["linear"] for b in blocks]
@@ -197,7 +194,7 @@ def _get(module: nn.Module, attr: str) -> nn.Module:
 
 def _comparable(spec: ProjectorSpec) -> tuple:
     return (spec.input_dim, spec.hidden_dim, spec.output_dim, spec.num_layers, _key(spec.norm_layer),
-            _key(spec.act_layer), _key(spec.last_norm_layer), spec.last_bias)
+            _key(spec.act_layer), _key(spec.last_norm_layer), spec.last_bias, spec.hidden_bias)
 
 
 def _layers(projector: nn.Module) -> list[nn.Module]:

@@ -6,6 +6,8 @@ width, ``q`` anchors (queries) on this rank, ``k = 2N`` keys (candidates) across
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -23,8 +25,8 @@ Anchors = Literal["both", "first"]
 def _check_temperature(temperature: object) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
     return float(temperature)
 
 
@@ -78,7 +80,7 @@ def _pair_contrastive(a: Tensor, b: Tensor, temperature: float, gather: bool, an
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2, *, gather: bool = False) -> Tensor:
     """SimCLR NT-Xent loss with cosine similarity, both directions (2B anchors).
 
-    STAR_METHOD.md ("VICReg and SimCLR"): for the 2B rows ``z = [z1; z2]``,
+    SimCLR (Chen et al. 2020, arXiv 2002.05709, Eq. 1): for the 2B rows ``z = [z1; z2]``,
     ``l_i = -log( exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau) )`` where ``j`` is
     the other view of the same image, ``sim`` is the cosine similarity, and the loss is the mean
     of ``l_i`` over all 2B anchors (each with 2B - 2 negatives).
@@ -113,7 +115,7 @@ def equivariant_nt_xent(
 ) -> Tensor:
     """STAR / EquiMod equivariant NT-Xent between targets A and predictions P.
 
-    STAR_METHOD.md ("Loss"): ``L_eq = NT-Xent(A, P)`` with ``A = [z_eq(x1); z_eq(x2)]`` and
+    STAR (arXiv 2510.27222, Sec. 3; EquiMod, arXiv 2211.01244): ``L_eq = NT-Xent(A, P)`` with ``A = [z_eq(x1); z_eq(x2)]`` and
     ``P = [ẑ_eq(x1); ẑ_eq(x2)]`` (``M = 2B`` rows each): the positive of row i of A is row i of
     P; the negatives are all other rows of A and P, ``2M - 2 = 4B - 2`` per anchor. NT-Xent is
     symmetric, so by default (``anchors="both"``, as in the reference code, which runs its
@@ -139,23 +141,54 @@ def equivariant_nt_xent(
 
 
 class NTXentLoss(nn.Module):
-    """Module form of :func:`nt_xent`; ``forward(z0, z1)`` like ``lightly.loss.NTXentLoss``.
+    """Module form of :func:`nt_xent`: ``lightly.loss.NTXentLoss``'s signature, defaults and ``forward(out0, out1)``.
+
+    Same positional order and defaults as lightly (``temperature=0.5, memory_bank_size=0,
+    gather_distributed=False``), so code written for lightly means the same here. The memory bank (MoCo
+    negatives) is not implemented: any ``memory_bank_size`` other than ``0`` (or a tuple starting with 0)
+    raises NotImplementedError instead of being ignored; keep lightly's loss for a memory bank (any
+    ``(z0, z1) -> Tensor`` loss plugs into the adapters). STAR itself uses ``temperature=0.2``
+    (:class:`~star_heads.SimCLRAdapter` sets it).
 
     Args:
-        temperature: ``tau > 0`` (STAR default 0.2; lightly's default is 0.5).
-        gather_distributed: Take negatives from all ranks.
+        temperature: ``tau > 0`` (lightly's default 0.5).
+        memory_bank_size: Must be 0 (disabled), as an int or a ``(0, dim)`` tuple.
+        gather_distributed: Take negatives from all ranks (gradients exact under DDP).
+
+    Raises:
+        NotImplementedError: a non-zero memory bank size.
+        TypeError / ValueError: a temperature that is not a positive number.
     """
 
-    def __init__(self, temperature: float = 0.2, gather_distributed: bool = False) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: int | Sequence[int] = 0,
+        gather_distributed: bool = False,
+    ) -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
-        self.gather_distributed = bool(gather_distributed)
+        _check_no_memory_bank(memory_bank_size)
+        if not isinstance(gather_distributed, bool):
+            raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+        self.gather_distributed = gather_distributed
 
-    def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
-        return nt_xent(z0, z1, self.temperature, gather=self.gather_distributed)
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return nt_xent(out0, out1, self.temperature, gather=self.gather_distributed)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
+
+
+def _check_no_memory_bank(size: object) -> None:
+    entries = (size,) if isinstance(size, int) and not isinstance(size, bool) else size
+    if not isinstance(entries, (tuple, list)) or not all(isinstance(e, int) and not isinstance(e, bool) for e in entries):
+        raise TypeError(f"memory_bank_size must be an int or a sequence of ints (lightly's form), got {size!r}")
+    if len(entries) == 0 or entries[0] != 0:
+        raise NotImplementedError(
+            f"memory_bank_size={size!r}: star_heads.NTXentLoss has no memory bank (only 0 is supported); "
+            "use lightly.loss.NTXentLoss(memory_bank_size=...) for MoCo-style negatives"
+        )
 
 
 class EquivariantNTXentLoss(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +34,15 @@ class VICRegOutput:
     variance: Tensor
     covariance: Tensor
 
+    def terms(self) -> dict[str, Tensor]:
+        """The named unweighted terms ``{"invariance", "variance", "covariance"}`` (Tensors, graph kept)."""
+        return {"invariance": self.invariance, "variance": self.variance, "covariance": self.covariance}
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """``{prefix + "loss": float, prefix + "invariance": float, ...}``: Python floats for a logger."""
+        out = {"loss": self.loss, **self.terms()}
+        return {f"{prefix}{k}": float(v.detach()) for k, v in out.items()}
+
 
 def _variance_term(z: Tensor, eps: float) -> Tensor:
     """``v(Z) = mean_j ReLU(1 - sqrt(Var(Z_j) + eps))`` with the unbiased (n - 1) variance."""
@@ -49,8 +59,16 @@ def _covariance_term(z: Tensor) -> Tensor:
     return cov.pow(2).masked_select(off_diagonal).sum() / d
 
 
+def _check_weight(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
+    return float(value)
+
+
 def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a float > 0 (sqrt(Var + eps) needs it for finite gradients), got {eps!r}")
     return float(eps)
 
@@ -74,7 +92,7 @@ def vicreg(
 ) -> VICRegOutput:
     """VICReg loss with its invariance, variance and covariance terms.
 
-    STAR_METHOD.md ("VICReg and SimCLR"):
+    VICReg (Bardes et al. 2022, arXiv 2105.04906, Eqs. 1-6):
     ``l = λ·MSE(Z, Z') + μ·[v(Z) + v(Z')] + ν·[c(Z) + c(Z')]`` with
     ``v(Z) = mean_j ReLU(1 - sqrt(Var(Z_j) + eps))`` and ``c(Z) = (1/d) sum_{i≠j} Cov(Z)_ij^2``
     (unbiased variance / covariance over the batch).
@@ -108,8 +126,11 @@ def vicreg(
             unknown convention.
         TypeError: Non-float inputs.
     """
+    sim, var, cov = _check_weight(sim, "sim"), _check_weight(var, "var"), _check_weight(cov, "cov")
     eps = _check_eps(eps)
     convention = _check_convention(variance_convention)
+    if not isinstance(gather, bool):
+        raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
     z1 = check_float_tensor(z1, "z1", ndim=2)
     z2 = check_float_tensor(z2, "z2", ndim=2)
     if z1.shape != z2.shape:
@@ -138,7 +159,7 @@ def vicreg(
 class VICRegLoss(nn.Module):
     """Module form of :func:`vicreg`; a drop-in for ``lightly.loss.VICRegLoss``.
 
-    Same positional order and defaults as lightly (``lambda_param, mu_param, nu_param,
+    Same positional order, defaults and value as lightly (``lambda_param, mu_param, nu_param,
     gather_distributed, eps``); ``forward(z0, z1)`` returns the total loss as a Tensor, or the
     :class:`VICRegOutput` with ``return_terms=True``.
 
@@ -164,10 +185,12 @@ class VICRegLoss(nn.Module):
         return_terms: bool = False,
     ) -> None:
         super().__init__()
-        self.lambda_param = float(lambda_param)
-        self.mu_param = float(mu_param)
-        self.nu_param = float(nu_param)
-        self.gather_distributed = bool(gather_distributed)
+        self.lambda_param = _check_weight(lambda_param, "lambda_param")
+        self.mu_param = _check_weight(mu_param, "mu_param")
+        self.nu_param = _check_weight(nu_param, "nu_param")
+        if not isinstance(gather_distributed, bool):
+            raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+        self.gather_distributed = gather_distributed
         self.eps = _check_eps(eps)
         self.variance_convention = _check_convention(variance_convention)
         self.return_terms = bool(return_terms)

@@ -137,10 +137,11 @@ def test_embed_returns_both_tasks_without_grad():
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        ({"h2": torch.randn(23, 16)}, ValueError, r"h2 must have shape \[24, 16\]"),
-        ({"h0": torch.randn(24, 15)}, ValueError, r"h0 must have shape \[24, 16\]"),
+        ({"h2": torch.randn(23, 16)}, ValueError, r"h2 must have the batch size of h1 \(24 rows\), got shape \(23, 16\)"),
+        ({"h0": torch.randn(24, 15)}, ValueError, r"h0 must have shape \[\*, 16\]"),
         ({"params1": None}, ValueError, r"missing \['params1'\]"),
-        ({"params2": torch.rand(24, 10)}, ValueError, r"params2 must have shape \[24, 11\].*expected 11, got 10"),
+        ({"params2": torch.rand(24, 10)}, ValueError, r"params2 must have shape \[\*, 11\].*expected 11, got 10"),
+        ({"h1": torch.randn(0, 16), "h2": torch.randn(0, 16)}, ValueError, "h1 must hold at least one row"),
         ({"params1": torch.ones(24, 11, dtype=torch.long)}, TypeError, "params1 must be a floating-point"),
         ({"h1": torch.randn(24)}, ValueError, "h1 must have 2 dimensions"),
     ],
@@ -162,7 +163,7 @@ def test_bad_construction():
         SimCLRAdapter(16, head="moe")
     with pytest.raises(ValueError, match="temperature"):
         SimCLRAdapter(16, temperature=0.0)
-    with pytest.raises(ValueError, match="lam must be >= 0"):
+    with pytest.raises(ValueError, match="lam must be a finite float >= 0, got -1.0"):
         SimCLRAdapter(16, lam=-1.0)
     with pytest.raises(ValueError, match="normalizer must be"):
         SimCLRAdapter(16, normalizer="imagenet")
@@ -198,3 +199,62 @@ def test_build_head_passthrough_and_hidden_default():
     assert build_head("separate", 12).heads["inv"].hidden_dim == 12
     pred = EquivariantPredictor(4, 11, kind="hyper")
     assert SimCLRAdapter(8, head=m, predictor=pred).predictor is pred
+
+
+def test_as_dict_is_flat_python_floats_with_every_readout():
+    torch.manual_seed(4)
+    adapter = VICRegAdapter(16, num_experts=3, output_dim=4, cca_every=1)
+    g = torch.Generator().manual_seed(1)
+    h0, h1, h2 = (torch.randn(40, 16, generator=g) for _ in range(3))
+    out = adapter(h1, h2, h0=h0, params1=torch.rand(40, 11, generator=g), params2=torch.rand(40, 11, generator=g))
+    flat = out.as_dict("train/")
+    assert all(type(v) is float for v in flat.values())
+    assert flat["train/loss"] == out.loss.item() and flat["train/eq"] == out.losses["eq"].item()
+    # the VICReg terms come from the loss output's own terms(), not from names the adapter knows
+    for part in ("invariance", "variance", "covariance"):
+        assert flat[f"train/inv/{part}"] == out.losses[f"inv/{part}"].item()
+        assert f"train/eq/{part}" in flat
+    assert out.cca is not None and flat["train/cca/mean"] == out.cca.mean and "train/cca/null_mean" in flat
+    loads = [flat[f"train/routing/eq/expert_{k}/load"] for k in range(3)]
+    torch.testing.assert_close(torch.tensor(loads, dtype=torch.float64), out.gates[:, 1].double().mean(0))
+    assert not any(k.startswith("train/routing") for k in out.as_dict("train/", routing=False))
+    assert set(adapter(h1, h2).as_dict()) == {"loss", "inv", "inv/invariance", "inv/variance", "inv/covariance"}
+
+
+class _Terms:
+    """A loss output listing its own terms (any names): the adapter reports them without knowing them."""
+
+    def __init__(self, a, b):
+        self.loss = (a - b).pow(2).mean() + a.abs().mean()
+        self._terms = {"mse": (a - b).pow(2).mean(), "l1": a.abs().mean()}
+
+    def terms(self):
+        return self._terms
+
+
+def test_loss_outputs_list_their_own_terms():
+    adapter = SimCLRAdapter(16, num_experts=2, output_dim=8, loss=_Terms, cca_every=0)
+    _, h1, h2, _, _ = _batch()
+    out = adapter(h1, h2)
+    assert set(out.losses) == {"inv", "inv/mse", "inv/l1"}
+    torch.testing.assert_close(out.losses["inv"], out.losses["inv/mse"] + out.losses["inv/l1"])
+
+
+@pytest.mark.parametrize(
+    "result, error, match",
+    [
+        (lambda a, b: 1.0, TypeError, "loss must return a scalar Tensor or an object.*got float"),
+        (lambda a, b: None, TypeError, "got NoneType"),
+        (lambda a, b: ((a - b).pow(2).mean(), {}), TypeError, "got tuple"),
+        (lambda a, b: (a - b).pow(2).mean(0), ValueError, r"scalar \(0-dim\) Tensor, got shape \(8,\)"),
+        (lambda a, b: (a - b).pow(2).mean().detach(), ValueError, "without a gradient"),
+        (lambda a, b: torch.tensor(3), TypeError, "floating-point Tensor, got dtype torch.int64"),
+    ],
+)
+def test_a_bad_user_loss_fails_at_the_call_not_at_backward(result, error, match):
+    _, h1, h2, _, _ = _batch()
+    with pytest.raises(error, match=match):
+        SimCLRAdapter(16, num_experts=2, output_dim=8, loss=result)(h1, h2)
+    h0, h1, h2, p1, p2 = _batch()
+    with pytest.raises(error, match=match.replace("loss must", "eq_loss must")):
+        SimCLRAdapter(16, num_experts=2, output_dim=8, eq_loss=result, cca_every=0)(h1, h2, h0=h0, params1=p1, params2=p2)

@@ -64,3 +64,57 @@ def test_solo_learn_replace_projector():
 
     with pytest.raises(TypeError, match="solo-learn BaseMethod"):
         replace_projector(_SoloLikeMethod())
+
+
+def test_lightly_momentum_head_swap_keeps_update_momentum_consistent():
+    lightly_heads = pytest.importorskip("lightly.models.modules.heads")
+    lightly_utils = pytest.importorskip("lightly.models.utils")
+    import copy
+
+    from star_heads.integrations.lightly import replace_projection_head
+
+    model = nn.Module()  # lightly's BYOL example: a momentum copy of the projection head, gradients off
+    model.projection_head = lightly_heads.BYOLProjectionHead(32, 64, 16)
+    model.projection_head_momentum = copy.deepcopy(model.projection_head)
+    lightly_utils.deactivate_requires_grad(model.projection_head_momentum)
+    head = replace_projection_head(model, num_experts=2, momentum_attr="projection_head_momentum")
+    teacher = model.projection_head_momentum
+    assert teacher is not head and not any(p.requires_grad for p in teacher.parameters())
+    before = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(1.0)
+    lightly_utils.update_momentum(head, teacher, m=0.9)
+    for b, t, o in zip(before, teacher.parameters(), head.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
+    assert teacher(torch.randn(4, 32)).shape == (4, 16)
+
+
+def test_missing_solo_learn_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from star_heads.integrations.solo_learn import replace_projector
+
+    monkeypatch.setitem(sys.modules, "solo", None)  # as if solo-learn were not installed
+    monkeypatch.setitem(sys.modules, "solo.methods", None)
+    monkeypatch.setitem(sys.modules, "solo.methods.base", None)
+    with pytest.raises(ImportError) as info:
+        replace_projector(_SoloLikeMethod())
+    message = str(info.value)
+    assert "from source" in message and "torch 1.9" in message
+    assert "pip install solo-learn" not in message
+
+
+def test_lightning_integration_is_lazy_and_says_what_is_missing(monkeypatch):
+    import importlib
+    import sys
+
+    import star_heads
+
+    assert "star_heads.integrations.lightning" not in sys.modules or "lightning" in sys.modules
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "star_heads.integrations.lightning", raising=False)
+    with pytest.raises(ImportError, match="pip install lightning"):
+        importlib.import_module("star_heads.integrations.lightning")
+    assert star_heads.__version__  # the package itself never needed it

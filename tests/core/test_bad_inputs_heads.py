@@ -111,7 +111,7 @@ def test_forward_inputs(kind, batch, width, ndim, dtype, poison, train, check_fi
         with pytest.raises(ValueError, match=r"batch of 1 \(shape \(1, 5\)\).*BatchNorm"):
             head(x)
     elif poison is not None and check_finite:
-        with pytest.raises(ValueError, match="x contains 1 NaN or Inf"):
+        with pytest.raises(ValueError, match=r"x contains NaN or Inf values \(1 of"):
             head(x)
     else:
         z = head(x, task="inv")
@@ -205,7 +205,7 @@ def test_check_finite_raises_before_batch_norm_statistics_change():
     x = torch.randn(8, 6)
     x[3, 2] = float("nan")
     stats = copy.deepcopy(head.state_dict())
-    with pytest.raises(ValueError, match=r"x contains 1 NaN or Inf value\(s\) \(shape \(8, 6\)\)"):
+    with pytest.raises(ValueError, match=r"x contains NaN or Inf values \(1 of 48, shape \(8, 6\)\)"):
         head(x)
     assert all(torch.equal(v, head.state_dict()[k]) for k, v in stats.items())
     # without the check the running statistics are poisoned: this is what the option prevents
@@ -253,3 +253,45 @@ def test_reduced_precision_input_works_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = head(x.bfloat16(), task="inv")
     assert z.shape == (5, 4) and torch.isfinite(z.float()).all()
+
+
+# ------------------------------------------------------------------------------------ swap_projector
+_VOCAB = {
+    "lin": lambda w, b: nn.Linear(w, w, bias=b),
+    "bn": lambda w, b: nn.BatchNorm1d(w, eps=1e-3),
+    "ln": lambda w, b: nn.LayerNorm(w),
+    "relu": lambda w, b: nn.ReLU(),
+    "gelu": lambda w, b: nn.GELU(approximate="tanh"),
+    "drop": lambda w, b: nn.Dropout(0.1),
+    "id": lambda w, b: nn.Identity(),
+}
+
+
+@SETTINGS
+@given(names=st.lists(st.sampled_from(sorted(_VOCAB)), min_size=1, max_size=8), bias=st.booleans())
+def test_swap_projector_represents_exactly_or_refuses(names, bias):
+    """Any Sequential: either a clear refusal (nothing replaced), or experts whose layer sequence is the
+    projector's (Identity skipped, every bias kept)."""
+    from star_heads.integrations.swap import swap_projector
+
+    layers = [_VOCAB[n](6, bias) for n in names]
+    model = nn.Module()
+    model.projector = nn.Sequential(*layers)
+    try:
+        head = swap_projector(model, num_experts=2)
+    except (TypeError, ValueError) as err:
+        assert str(err) and isinstance(model.projector, nn.Sequential)
+        return
+    assert model.projector is head
+    kept = [m for m in layers if not isinstance(m, nn.Identity)]
+    expert = list(head.experts.to_modules()[0])
+    assert [type(m) for m in expert] == [type(m) for m in kept]
+    for i, (old, new) in enumerate(zip(kept, expert)):
+        if isinstance(old, nn.Linear):
+            assert (old.bias is None) == (new.bias is None)
+        if isinstance(old, (nn.BatchNorm1d, nn.LayerNorm)):
+            assert old.eps == new.eps
+    for act, old in zip(head.experts.acts, [m for m in kept if isinstance(m, (nn.ReLU, nn.GELU))]):
+        assert type(act) is type(old) and getattr(act, "approximate", None) == getattr(old, "approximate", None)
+    z = head(torch.randn(4, 6))
+    assert z.shape == (4, 6) and torch.isfinite(z).all()

@@ -76,14 +76,21 @@ def test_layer_norm_and_activation_options_reach_the_bank():
     assert head.experts.acts[0].approximate == "tanh"
 
 
-def test_hidden_bias_without_batch_norm_is_refused_unless_dropped():
+def test_hidden_biases_are_kept_unless_dropped():
     solo_simclr = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 6))  # solo-learn's SimCLR projector
-    with pytest.raises(ValueError, match="hidden Linear layers have biases with no BatchNorm.*drop_hidden_bias=True"):
-        swap_projector(_Method(solo_simclr))
-    head = swap_projector(_Method(solo_simclr), drop_hidden_bias=True, num_experts=2)
+    head = swap_projector(_Method(solo_simclr), num_experts=2)
     assert all(isinstance(m, nn.Identity) for m in head.experts.norms)  # no BatchNorm added
+    expert = head.experts.to_modules()[0]
+    assert [type(m) for m in expert] == [type(m) for m in solo_simclr]
+    assert all(m.bias is not None for m in expert if isinstance(m, nn.Linear))
+    # with the old projector's weights loaded into an expert, the expert computes exactly the old projector
+    bank = type(head.experts).from_modules([solo_simclr, solo_simclr])
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(bank(x)[:, 0], solo_simclr(x))
+    dropped = swap_projector(_Method(solo_simclr), drop_hidden_bias=True, num_experts=2)
+    assert dropped.experts.linears[0].bias is None and dropped.experts.linears[-1].bias is not None
     spec = projector_spec(nn.Sequential(nn.Linear(12, 20), nn.BatchNorm1d(20), nn.ReLU(), nn.Linear(20, 6)))
-    assert spec.hidden_bias and "BatchNorm after them removes any bias" in spec.notes[0]
+    assert spec.hidden_bias and not spec.notes
 
 
 @pytest.mark.parametrize(
@@ -172,16 +179,9 @@ def test_lightly_simclr_head_is_kept(batch_norm):
     old = heads.SimCLRProjectionHead(16, 24, 8, num_layers=3, batch_norm=batch_norm)
     model = nn.Module()
     model.projection_head = old
-    if not batch_norm:  # lightly then gives the hidden Linears biases and no BatchNorm
-        with pytest.raises(ValueError, match="drop_hidden_bias"):
-            swap_projector(model, "projection_head")
-    head = swap_projector(model, "projection_head", num_experts=2, drop_hidden_bias=not batch_norm)
-    expert = _expert_structure(head)
-    ref = _structure(list(old.layers))
-    if batch_norm:
-        assert expert == ref  # incl. the last BatchNorm and bias-free Linears
-    else:
-        assert expert == [r if r[0] != "Linear" or r[2] == 8 else r[:3] + (False,) for r in ref]
+    head = swap_projector(model, "projection_head", num_experts=2)
+    # incl. the last BatchNorm, and the hidden biases lightly adds without BatchNorm
+    assert _expert_structure(head) == _structure(list(old.layers))
     assert head(torch.randn(3, 16)).shape == (3, 8)
 
 

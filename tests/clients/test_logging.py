@@ -1,0 +1,132 @@
+"""Readouts log into the hosts unchanged (client tier): Lightning's log_dict, TensorBoard's add_scalars, and a
+Lightning fit with a tiny CCA window."""
+
+import pytest
+import torch
+from torch import nn
+
+from star_heads import SimCLRAdapter, STARHead
+
+L = pytest.importorskip("lightning.pytorch")
+
+from star_heads.integrations.lightning import STARLoggingCallback  # noqa: E402
+
+BATCH = 16
+
+
+def _loader(steps, d=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps * BATCH, d, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=BATCH)
+
+
+class JointModule(L.LightningModule):
+    """Features + two noisy 'views' with random 11-D parameters: enough to drive the adapter."""
+
+    def __init__(self, output_dim=128, cca_every=2):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(10, 32), nn.ReLU())
+        self.adapter = SimCLRAdapter(32, num_experts=4, output_dim=output_dim, cca_every=cca_every)
+        self.logged = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        h0, h1, h2 = self.backbone(x), self.backbone(x + 0.1 * torch.randn_like(x)), self.backbone(x - 0.1)
+        out = self.adapter(h1, h2, h0=h0, params1=torch.rand(len(x), 11), params2=torch.rand(len(x), 11))
+        values = out.as_dict("train/")
+        assert all(type(v) is float for v in values.values())  # nothing Lightning would refuse
+        self.log_dict(values)
+        self.logged.append(values)
+        return out.loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _trainer(steps, callbacks=()):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+
+
+def test_fit_with_a_tiny_cca_window_completes_and_logs_cca_once_enough_rows():
+    torch.manual_seed(0)
+    model = JointModule(output_dim=128, cca_every=2)  # 2 steps x 2 views x 16 rows = 64 rows, far below 2(p + q) = 512
+    trainer = _trainer(20, [STARLoggingCallback(every=1)])
+    trainer.fit(model, _loader(20))
+    assert trainer.global_step == 20
+    with_cca = [i for i, v in enumerate(model.logged) if "train/cca/mean" in v]
+    assert with_cca and with_cca[0] >= 3  # the monitor waited for enough samples instead of raising
+    first = model.logged[with_cca[0]]
+    assert 0.0 <= first["train/cca/mean"] <= 1.0 and first["train/cca/n"] >= 2 * 128
+    assert "train/cca/null_mean" in first
+    metrics = trainer.callback_metrics
+    assert {"train/loss", "train/inv", "train/eq", "train/routing/eq/entropy"} <= set(metrics)
+    assert {"star/cca/mean", "star/cca/null_mean", "star/routing/inv/effective_experts"} <= set(metrics)
+    assert float(metrics["star/cca/mean"]) == pytest.approx(model.logged[with_cca[-1]]["train/cca/mean"])
+
+
+def test_callback_on_a_bare_head_logs_routing_and_its_own_cca():
+    class HeadModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.head = STARHead(10, 8, num_experts=3)
+
+        def training_step(self, batch, batch_idx):
+            out = self.head(batch[0])  # both tasks (HeadOutput)
+            return out["inv"].pow(2).mean() + out["eq"].pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    model = HeadModule()
+    trainer = _trainer(6, [STARLoggingCallback(every=1, cca_every=2)])
+    trainer.fit(model, _loader(6))
+    metrics = trainer.callback_metrics
+    assert {"star/routing/inv/entropy", "star/routing/eq/expert_2/load", "star/cca/mean"} <= set(metrics)
+    loads = [float(metrics[f"star/routing/eq/expert_{k}/load"]) for k in range(3)]
+    assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_callback_finds_nothing_to_log_says_so():
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(10, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    with pytest.raises(ValueError, match="holds no STAR adapter"):
+        _trainer(1, [STARLoggingCallback()]).fit(Plain(), _loader(1))
+
+
+def test_readouts_go_into_tensorboard_add_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    adapter = SimCLRAdapter(16, num_experts=2, output_dim=4, cca_every=1)
+    g = torch.Generator().manual_seed(0)
+    h = [torch.randn(64, 16, generator=g) for _ in range(3)]
+    out = adapter(h[1], h[2], h0=h[0], params1=torch.rand(64, 11, generator=g), params2=torch.rand(64, 11, generator=g))
+    values = out.as_dict()
+    assert out.cca is not None and "cca/mean" in values
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_scalars("star", values, global_step=3)
+    writer.close()
+    runs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
+    runs.Reload()
+    read = {}
+    for run in runs.Runs():
+        for tag in runs.Runs()[run]["scalars"]:
+            (event,) = runs.Scalars(run, tag)
+            read[run] = (event.step, event.value)
+    assert len(read) == len(values)
+    by_key = {run.split("star_", 1)[1]: v for run, v in read.items()}  # one run per key: <main tag>_<key>
+    for key, value in values.items():
+        step, got = by_key[key]
+        assert step == 3 and got == pytest.approx(value, rel=1e-6)
