@@ -97,6 +97,17 @@ def table(rows: Iterable[dict[str, Any]], columns: dict[str, str] | list[str]) -
 
 
 # ------------------------------------------------------------------ timing
+def single_thread() -> None:
+    """One torch thread and, where threadpoolctl is installed, one BLAS thread for numpy (which the metrics may
+    call, and which ignores ``torch.set_num_threads``)."""
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(1)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import interleaved, machine_info, output_dir, table, write_json, write_section
+from benchmarks._common import interleaved, machine_info, output_dir, single_thread, table, write_json, write_section
 from star_heads.augment import AugmentConfig, STARAugment
 from star_heads.data import make_shapes
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats; writes to a temporary folder")
     ap.add_argument("--out-dir", type=Path, help="write under this folder instead of docs/ (or the temporary one)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    single_thread()
     out = output_dir(a.out_dir, a.quick)
     sizes, batch, repeats = ([16], 8, 2) if a.quick else ([32, 96], 256, 5)
     rows = run(sizes, batch, repeats)

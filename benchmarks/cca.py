@@ -5,10 +5,11 @@
 One BLAS and one torch thread; ``ours`` (``mean_canonical_correlation`` on float32 input), ``meter``
 (``CCAMeter.update`` in batches of 256, then ``compute``, no null) and ``numpy`` (QR of each centred float64
 view, then the singular values of Qx^T Qy: the textbook route, Björck & Golub 1973) run interleaved; ``numpy``
-is also the reference for the errors. Views carry p/4 planted canonical correlations (0.9 … 0.1) under random
-mixing; ``cond`` rows scale the views' columns so that their condition number is that value. sklearn's
-``CCA(n_components=p)`` (iterative NIPALS) runs once at one size. The null table is the expected mean CCA of
-independent views (``null_mean_canonical_correlation``), which docs/cca.md quotes.
+is also the reference for the errors. Views carry p/4 planted canonical correlations (0.9 … 0.1) under a random
+rotation, each view's condition number about ``cond`` (10; 10⁴ in one row, where the metric's covariance route
+hands over to its QR fallback). sklearn's ``CCA(n_components=p)`` (iterative NIPALS) runs once at one size.
+The null table is the expected mean CCA of independent views (``null_mean_canonical_correlation``), which
+docs/cca.md quotes.
 """
 
 from __future__ import annotations
@@ -21,33 +22,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._common import interleaved, machine_info, machine_line, output_dir, table, write_json, write_section
+from benchmarks._common import (interleaved, machine_info, machine_line, output_dir, single_thread, table, write_json,
+                                write_section)
 from star_heads.metrics import CCAMeter, mean_canonical_correlation, null_mean_canonical_correlation
 
-FULL = {"configs": [(4096, 64, None), (4096, 128, None), (16384, 64, None), (16384, 128, None), (4096, 512, None),
-                    (4096, 128, 1e4)], "sklearn": (4096, 128), "repeats": 7, "null_p": 128,
+FULL = {"configs": [(4096, 64, 10), (4096, 128, 10), (16384, 64, 10), (16384, 128, 10), (4096, 512, 10),
+                    (4096, 128, 1e4)], "sklearn": (4096, 64), "repeats": 7, "null_p": 128,
         "null_n": [512, 1024, 2048, 4096, 8192, 16384, 65536]}
-QUICK = {"configs": [(256, 16, None), (512, 32, 1e4)], "sklearn": (256, 16), "repeats": 2, "null_p": 16,
+QUICK = {"configs": [(256, 16, 10), (512, 32, 1e4)], "sklearn": (256, 16), "repeats": 2, "null_p": 16,
          "null_n": [64, 256, 1024]}
 
 
-def make_views(n: int, p: int, cond: float | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 views ``[n, p]`` with p/4 planted canonical correlations from 0.9 down to 0.1."""
+def make_views(n: int, p: int, cond: float = 10.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 views ``[n, p]`` with p/4 planted canonical correlations from 0.9 down to 0.1; each view's
+    columns are scaled from 1 down to 1/cond, then rotated: its condition number is about ``cond``."""
     g = torch.Generator().manual_seed(seed)
     k = max(1, p // 4)
     rho = torch.linspace(0.9, 0.1, k, dtype=torch.float64)
     x = torch.randn(n, p, generator=g, dtype=torch.float64)
     y = torch.randn(n, p, generator=g, dtype=torch.float64)
     y[:, :k] = rho * x[:, :k] + (1 - rho**2).sqrt() * y[:, :k]
-    views = []
-    for v in (x, y):
-        if cond is not None:  # column scales from 1 down to 1/cond, then a rotation: condition number ≈ cond
-            v = v * torch.logspace(0, -np.log10(cond), p, dtype=torch.float64)
-            v = v @ torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))[0]
-        else:
-            v = v @ (torch.randn(p, p, generator=g, dtype=torch.float64) / p**0.5 + torch.eye(p, dtype=torch.float64))
-        views.append((v + 1.0).float())
-    return views[0], views[1]
+    scale = torch.logspace(0, -np.log10(cond), p, dtype=torch.float64)
+    rotations = [torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64))[0] for _ in range(2)]
+    return ((x * scale) @ rotations[0] + 1.0).float(), ((y * scale) @ rotations[1] - 2.0).float()
 
 
 def numpy_qr_svd(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -73,7 +70,7 @@ def sklearn_cca(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.abs((xs * ys).sum(0) / np.sqrt((xs * xs).sum(0) * (ys * ys).sum(0)))
 
 
-def bench(n: int, p: int, cond: float | None, repeats: int, sklearn: bool) -> dict[str, Any]:
+def bench(n: int, p: int, cond: float, repeats: int, sklearn: bool) -> dict[str, Any]:
     x, y = make_views(n, p, cond)
     xn, yn = x.double().numpy(), y.double().numpy()
     outs: dict[str, Any] = {}
@@ -97,7 +94,7 @@ def render(p: dict[str, Any]) -> str:
             "ours_vs_numpy": "ours / numpy", "meter_vs_numpy": "meter / numpy", "ours_err": "ours error (mean)",
             "meter_err": "meter error (max)"}
     sk = next(r for r in p["rows"] if "sklearn_ms" in r) if any("sklearn_ms" in r for r in p["rows"]) else None
-    rows = [{**r, "cond": "—" if r["cond"] is None else f"{r['cond']:.0e}"} for r in p["rows"]]
+    rows = [{**r, "cond": f"{r['cond']:g}"} for r in p["rows"]]
     parts = [machine_line(p["machine"]) + f" One BLAS thread; median process CPU time of {p['repeats']} interleaved "
              "repeats; errors are absolute, against numpy's float64 QR + SVD.", table(rows, cols)]
     if sk:
@@ -117,13 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--no-sklearn", action="store_true")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)  # numpy's BLAS / LAPACK
-    except ImportError:
-        pass
+    single_thread()  # torch and numpy's BLAS / LAPACK
     cfg, out = QUICK if a.quick else FULL, output_dir(a.out_dir, a.quick)
     repeats = a.repeats or cfg["repeats"]
     try:
@@ -133,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with_sklearn = False
     p: dict[str, Any] = {"benchmark": "cca", "quick": a.quick, "machine": machine_info(), "repeats": repeats,
                          "timer": "process CPU time"}
-    p["rows"] = [bench(n, q, cond, repeats, with_sklearn and (n, q) == cfg["sklearn"] and cond is None)
+    p["rows"] = [bench(n, q, cond, repeats, with_sklearn and (n, q) == cfg["sklearn"] and cond == 10)
                  for n, q, cond in cfg["configs"]]
     ones = torch.ones(cfg["null_p"])
     p["null_table"] = [{"n": n, "p": cfg["null_p"], "null_mean": null_mean_canonical_correlation(n, ones, ones)}

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks._common import (count_ops, interleaved, machine_info, machine_line, output_dir, peak_bytes,
-                                saved_bytes, table, write_json, write_section)
+from benchmarks._common import (count_ops, interleaved, machine_info, machine_line, output_dir, peak_bytes, saved_bytes,
+                                single_thread, table, write_json, write_section)
 from star_heads.experts import ExpertBank
 
 CONFIGS = {"STL10": (16, 512, 512, 128, 768), "ImageNet100": (8, 2048, 2048, 128, 256),
@@ -175,6 +175,7 @@ def plot(p: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     ns = [r["N"] for r in p["sweep"]]
@@ -187,7 +188,8 @@ def plot(p: dict[str, Any], path: Path) -> bool:
     axes[1].set_ylabel("aten operators per forward + backward")
     for ax in axes:
         ax.set(xscale="log", yscale="log", xlabel="experts N")
-        ax.set_xticks(ns, [str(n) for n in ns], minor=False)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     d = p["sweep"][0]
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, help="timed repeats per step (default 7; --quick 2)")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)  # see docs/benchmarks.md: one thread's CPU time is what a shared machine can measure
+    single_thread()  # see docs/benchmarks.md: one thread's CPU time is what a shared machine can measure
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="star_heads_inductor_")  # cold compiles
     device, out = torch.device(a.device), output_dir(a.out_dir, a.quick)
     repeats = a.repeats or (2 if a.quick else 7)

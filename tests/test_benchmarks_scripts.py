@@ -67,7 +67,8 @@ def test_expert_bank_quick(tmp_path):
     ns = [r["N"] for r in data["sweep"]]
     ops_fused, ops_loop = [r["ops"]["fused"] for r in data["sweep"]], [r["ops"]["loop"] for r in data["sweep"]]
     assert len(set(ops_fused)) == 1, "the fused bank's operator count must not grow with N"
-    assert all(a < b for a, b in zip(ops_loop, ops_loop[1:])) and ops_loop[0] > ops_fused[0]
+    per_expert = (ops_loop[1] - ops_loop[0]) / (ns[1] - ns[0])  # the loop dispatches every expert's operators
+    assert per_expert > 0 and all(v == ops_loop[0] + per_expert * (n - ns[0]) for n, v in zip(ns, ops_loop))
     for k in ("fused", "loop"):  # activation memory is affine in N
         s = [r["saved_mb"][k] for r in data["sweep"]]
         slope = (s[1] - s[0]) / (ns[1] - ns[0])
@@ -98,8 +99,10 @@ def test_train_step_quick(tmp_path):
     assert len({p["backbone"] for p in r["params"].values()}) == 1
     assert all(v > 0 for v in r["saved_mb"].values())
     assert r["saved_mb"]["simclr"] < r["saved_mb"]["equimod"]  # two views through one head vs three through two
-    cca = r["cca_logging"]["per_step_ms"]
-    assert set(cca) == {"1", "10", "100"} and cca["1"] > cca["10"] > cca["100"] > 0
+    cca = r["cca_logging"]
+    assert set(cca["per_step_ms"]) == {"1", "10", "100"} and cca["update_ms"] > 0
+    for k, v in cca["per_step_ms"].items():  # accumulate every step, compute once per k steps
+        assert v == pytest.approx(cca["update_ms"] + cca["compute_ms"] / int(k))
     assert "| variant | step ms |" in _section(out / "benchmarks.md", "train_step")
 
 
@@ -110,9 +113,9 @@ def test_cca_quick(tmp_path):
     for r in data["rows"]:
         assert r["ours_ms"] > 0 and r["numpy_ms"] > 0
         assert r["ours_vs_numpy"] == pytest.approx(r["ours_ms"] / r["numpy_ms"])
-        tol = 1e-10 if r["cond"] is None else 1e-6  # against numpy's float64 QR + SVD of the same data
+        tol = 1e-10 if r["cond"] <= 100 else 1e-6  # against numpy's float64 QR + SVD of the same data
         assert r["ours_err"] < tol and r["meter_err"] < tol
-    assert any(r["cond"] is not None for r in data["rows"])
+    assert any(r["cond"] > 100 for r in data["rows"])  # an ill-conditioned row
     nulls = [r["null_mean"] for r in data["null_table"]]
     assert all(0 < b < a < 1 for a, b in zip(nulls, nulls[1:]))  # the null shrinks with n
     try:
