@@ -83,7 +83,8 @@ def test_params_reproduce_views(src, out, antialias, overrides):
     aug = STARAugment(out, antialias=antialias, **overrides)
     views, params = aug(images, generator=torch.Generator().manual_seed(7))
     sample = aug.sample(10, src, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(aug.apply(images, sample), views, rtol=0, atol=0)
+    torch.testing.assert_close(aug.replay(images, sample), views, rtol=0, atol=0)
+    torch.testing.assert_close(aug.apply(images, sample), views, rtol=0, atol=0)  # the older name, an alias
     px = params_to_pixels(params.double(), src)
     for i in range(10):
         ref = reference_view(images[i], px[i], sample.order[i], bool(sample.jitter[i]), out, aug.config.kernel_size,
@@ -194,3 +195,16 @@ def test_cuda_matches_cpu():
     assert vg.is_cuda and pg.is_cuda
     torch.testing.assert_close(pg.cpu(), pc, rtol=0, atol=0)
     torch.testing.assert_close(vg.cpu(), vc, rtol=0, atol=1e-4)
+
+
+def test_module_apply_still_walks_the_module_tree():
+    """``STARAugment`` inside a model must not break ``model.apply(fn)`` (Lightning and init code use it)."""
+    pytest.importorskip("kornia")
+    from torch import nn
+
+    from star_heads import STARAugment
+
+    model = nn.Sequential(nn.Linear(2, 2), STARAugment(8))
+    seen = []
+    assert model.apply(lambda m: seen.append(type(m).__name__)) is model
+    assert seen == ["Linear", "STARAugment", "Sequential"]

@@ -84,7 +84,14 @@ class STARAugment(nn.Module):
         """Draws the augmentation of a batch without applying it (see :func:`sample_augment`)."""
         return sample_augment(self.config, batch, image_size, generator)
 
-    def apply(self, images: torch.Tensor, sample: AugmentSample) -> torch.Tensor:
+    def apply(self, fn_or_images, sample: AugmentSample | None = None):  # type: ignore[override]
+        """``apply(fn)`` is :meth:`torch.nn.Module.apply` (so ``model.apply(init_fn)`` and Lightning still walk a
+        model holding this module); ``apply(images, sample)`` is kept as an alias of :meth:`replay`."""
+        if sample is None and callable(fn_or_images):
+            return super().apply(fn_or_images)
+        return self.replay(fn_or_images, sample)
+
+    def replay(self, images: torch.Tensor, sample: AugmentSample) -> torch.Tensor:
         """Applies a previously drawn :class:`AugmentSample` to ``images``; returns the views."""
         if not isinstance(sample, AugmentSample):
             raise TypeError(f"sample must be an AugmentSample (from .sample()), got {type(sample).__name__}")

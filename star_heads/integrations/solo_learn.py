@@ -121,9 +121,7 @@ class STAREquivariantMixin:
             raise ValueError(f"lam must be a float >= 0, got {lam!r}")
         head = replace_projector(self, num_experts=num_experts)  # type: ignore[arg-type]
         self.star_lam = float(lam)
-        # kept out of the module tree: STARAugment.apply(images, sample) shadows nn.Module.apply(fn), which Lightning
-        # walks over every submodule; it holds no parameters or buffers, so nothing is lost
-        object.__setattr__(self, "star_augment", STARAugment(image_size, **(augment_kwargs or {})))
+        self.star_augment = STARAugment(image_size, **(augment_kwargs or {}))
         self.star_predictor = EquivariantPredictor(head.output_dim, PARAM_DIM)
         self.star_normalizer = AugParamNormalizer(PARAM_DIM)
         self.star_eq_loss = eq_loss or EquivariantNTXentLoss(0.2)
