@@ -38,6 +38,8 @@ def is_compiling() -> bool:
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast compute dtype active for ``device_type``, or None when autocast is off."""
+    if device_type == "meta":  # autocast has no meta dispatch key; meta stands in for an un-autocast device
+        return None
     try:
         if not torch.is_autocast_enabled(device_type):
             return None
