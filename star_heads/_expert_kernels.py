@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["expert_linear", "batch_norm_relu_linear", "is_compiling", "autocast_dtype"]
+from star_heads._precision import autocast_dtype
+
+__all__ = ["expert_linear", "batch_norm_relu_linear", "is_compiling"]
 
 
 def is_compiling() -> bool:
@@ -34,20 +36,6 @@ def is_compiling() -> bool:
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
     return torch._dynamo.is_compiling()  # torch 2.1 / 2.2
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast compute dtype active for ``device_type``, or None when autocast is off."""
-    if device_type == "meta":  # autocast has no meta dispatch key; meta stands in for an un-autocast device
-        return None
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return None
-        return torch.get_autocast_dtype(device_type)
-    except (TypeError, AttributeError):  # torch < 2.4: per-device functions without arguments
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 # ---------------------------------------------------------------------------------------------- linear

@@ -20,6 +20,7 @@ from torch import nn
 
 from star_heads import _expert_kernels as kernels
 from star_heads._checks import check_float_tensor, check_positive_int
+from star_heads._precision import autocast_dtype
 from star_heads.expert_layers import ExpertLinear, export_norm, is_batch_norm, load_norm, make_expert_norm, norm_options
 
 __all__ = ["ExpertBank"]
@@ -149,7 +150,7 @@ class ExpertBank(nn.Module):
                 "than one sample per batch: pass a larger batch or call .eval()"
             )
         param = self.linears[0].weight.dtype
-        autocast = kernels.autocast_dtype(x.device.type) is not None
+        autocast = autocast_dtype(x.device.type) is not None
         if not autocast and x.dtype != param:
             raise TypeError(
                 f"x has dtype {x.dtype} but the bank's parameters are {param}: cast one of them "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from star_heads._checks import check_bool, check_float_tensor, check_layer, check_names, check_positive_int
+from star_heads._precision import autocast_dtype
 from star_heads.experts import ExpertBank
 from star_heads.routing import SoftRouter
 from star_heads.sizing import count_parameters, fit_width
@@ -151,7 +152,7 @@ class TaskHead(nn.Module):
         if x.shape[0] == 0:
             raise ValueError(f"x must hold at least one sample, got an empty batch of shape {tuple(x.shape)}")
         ref = next(self.parameters(), None)
-        if ref is not None and x.dtype != ref.dtype and not _autocast_on(x.device.type):
+        if ref is not None and x.dtype != ref.dtype and autocast_dtype(x.device.type) is None:
             raise TypeError(
                 f"x has dtype {x.dtype} but the head's parameters are {ref.dtype}: cast the features "
                 f"(x.to({ref.dtype})), the head (head.to({x.dtype})), or run under torch.autocast"
@@ -199,14 +200,6 @@ class TaskHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}"
-
-
-def _autocast_on(device_type: str) -> bool:
-    """Whether autocast is active for ``device_type`` (torch >= 2.4 API, with the older one as fallback)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class MMoEHead(TaskHead):

@@ -26,7 +26,7 @@ from star_heads._checks import (
     check_positive_float,
     check_positive_int,
 )
-from star_heads._expert_kernels import autocast_dtype
+from star_heads._precision import autocast_dtype
 
 __all__ = ["SoftRouter", "RoutingStats", "routing_stats"]
 
