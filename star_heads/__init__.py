@@ -4,6 +4,7 @@ STAR (Soft Task-Aware Routing of experts, NeurIPS 2025) replaces the separate in
 projection heads of a joint SSL trainer with a bank of shared MLP experts and one soft router per task.
 """
 
+from star_heads._value_checks import set_value_checks, value_checks
 from star_heads._version import __version__
 from star_heads.adapters import AdapterOutput, EquiModAdapter, JointAdapter, SimCLRAdapter, VICRegAdapter, build_head
 from star_heads.augment import PARAM_DIM, PARAM_NAMES, AugmentConfig, STARAugment, params_to_pixels, pixels_to_params
@@ -39,6 +40,8 @@ from star_heads.routing import RoutingStats, SoftRouter, routing_stats
 from star_heads.sizing import count_parameters, linear_macs
 
 __all__ = [
+    "set_value_checks",
+    "value_checks",
     "__version__",
     # heads and their parts
     "ExpertBank",
