@@ -7,7 +7,15 @@ projection heads of a joint SSL trainer with a bank of shared MLP experts and on
 from star_heads._value_checks import set_value_checks, value_checks
 from star_heads._version import __version__
 from star_heads.adapters import AdapterOutput, EquiModAdapter, JointAdapter, SimCLRAdapter, VICRegAdapter, build_head
-from star_heads.augment import PARAM_DIM, PARAM_NAMES, AugmentConfig, STARAugment, params_to_pixels, pixels_to_params
+from star_heads.augment import (
+    PARAM_DIM,
+    PARAM_NAMES,
+    AugmentConfig,
+    MultiCropViews,
+    STARAugment,
+    params_to_pixels,
+    pixels_to_params,
+)
 from star_heads.baselines import SeparateHeads, SharedSpecificHead
 from star_heads.equivariance import STL10_PARAM_MEAN, STL10_PARAM_STD, AugParamNormalizer, EquivariantPredictor
 from star_heads.experts import ExpertBank
@@ -83,6 +91,7 @@ __all__ = [
     # augmentation (kornia is imported only when STARAugment is built)
     "STARAugment",
     "AugmentConfig",
+    "MultiCropViews",
     "PARAM_NAMES",
     "PARAM_DIM",
     "params_to_pixels",
