@@ -16,7 +16,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import interleaved, machine_info, output_dir, single_thread, table, write_json, write_section
+from benchmarks._common import (
+    interleaved,
+    machine_info,
+    output_dir,
+    single_thread,
+    table,
+    write_json,
+    write_section,
+)
 from star_heads.augment import AugmentConfig, STARAugment
 from star_heads.data import make_shapes
 

@@ -11,8 +11,18 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from star_heads.augment import AugmentConfig, params_to_pixels, pixels_to_params, sample_augment
-from star_heads.equivariance import STL10_PARAM_MEAN, STL10_PARAM_STD, AugParamNormalizer, EquivariantPredictor
+from star_heads.augment import (
+    AugmentConfig,
+    params_to_pixels,
+    pixels_to_params,
+    sample_augment,
+)
+from star_heads.equivariance import (
+    STL10_PARAM_MEAN,
+    STL10_PARAM_STD,
+    AugParamNormalizer,
+    EquivariantPredictor,
+)
 
 ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.booleans(), st.text(max_size=2))
 STRENGTHS = ("brightness", "contrast", "saturation", "hue")
@@ -76,9 +86,8 @@ def test_pixel_conversion_names_image_size(size):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
 def test_augment_refuses_non_finite_images_in_forward_and_original(bad):
     pytest.importorskip("kornia")
-    from star_heads.augment import STARAugment
-
     from star_heads import value_checks
+    from star_heads.augment import STARAugment
 
     x = torch.rand(2, 3, 12, 12)
     x[1, 0, 3, 3] = bad
@@ -156,3 +165,64 @@ def test_predictor_check_finite_guards_its_batchnorm(b, d, p, bad, kind):
         return
     assert d == 4 and p == 3 and (bad == "none" or b == 0)
     assert out.shape == (b, 4) and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- degenerate inputs
+@given(field=st.sampled_from(("brightness", "contrast", "saturation")),
+       value=st.one_of(st.floats(0, 1e308), st.sampled_from([255.0, 255.5, 1e10, 1e308])))
+def test_absurd_strengths_are_refused_with_their_bound_and_the_rest_gives_finite_views(field, value):
+    pytest.importorskip("scipy")
+    from star_heads.augment import MAX_STRENGTH, STARAugment
+
+    try:
+        aug = STARAugment(6, **{field: value}, jitter_p=1.0)
+    except ValueError as exc:
+        assert value > MAX_STRENGTH and field in str(exc) and "<= 255" in str(exc)
+        return
+    assert value <= MAX_STRENGTH
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x[0] = 0.0  # black and white images hit inf * 0 first
+    x[1] = 1.0
+    views, params = aug(x, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(views).all() and torch.isfinite(params).all()
+    assert views.min() >= 0 and views.max() <= 1
+
+
+@pytest.mark.parametrize("ratio", [(1e-300, 1.0), (1.0, 1e300), (1e-4, 2.0)])
+def test_absurd_ratios_are_refused(ratio):
+    with pytest.raises(ValueError, match=r"ratio must lie in \[1e-3, 1e3\]"):
+        AugmentConfig(ratio=ratio)
+
+
+def test_wrong_types_are_type_errors():
+    from star_heads.augment import STARAugment
+
+    aug = STARAugment(8)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got str 'abc'"):
+        aug.sample(2, (8, 8), generator="abc")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        sample_augment(AugmentConfig(8), 2, (8, 8), generator=3)
+    with pytest.raises(TypeError, match="output_size must be a positive int"):
+        STARAugment("a")
+    with pytest.raises(TypeError, match="output_size"):
+        STARAugment(8.0)
+    with pytest.raises(ValueError, match="output_size"):
+        STARAugment(0)
+    with pytest.raises(TypeError, match="crop_units must be one of"):
+        STARAugment(8, crop_units=1)
+    with pytest.raises(ValueError, match="crop_units must be one of"):
+        STARAugment(8, crop_units="cm")
+    with pytest.raises(TypeError, match="num_local_crops must be an int"):
+        STARAugment(8, num_local_crops=2.0)
+    with pytest.raises(TypeError, match="blur_kernel_size"):
+        AugmentConfig(blur_kernel_size=3.0)
+    with pytest.raises(TypeError, match="momentum"):
+        AugParamNormalizer(3, momentum="a")
+    with pytest.raises(TypeError, match="eps"):
+        AugParamNormalizer(3, eps="a")
+    with pytest.raises(TypeError, match="mean must be a tensor or a sequence of real numbers, got str 'abc'"):
+        AugParamNormalizer.from_constants("abc", [1.0, 2.0, 3.0])
+    with pytest.raises(TypeError, match="std must be"):
+        AugParamNormalizer.from_constants([0.0], [None])
+    with pytest.raises(TypeError, match="augment must have an int param_dim"):
+        AugParamNormalizer.for_augment(torch.nn.Linear(2, 2))

@@ -1,8 +1,7 @@
 """Batched SimCLR/STAR augmentation that returns each view and its STAR parameter vector (11-D, 12-D with
 solarization): per-view settings (BYOL), multi-crop, sync-free on the images' device.
 
-Optional extra: ``pip install "star-heads[augment]"`` (kornia). This package imports without kornia; building a
-:class:`STARAugment` raises an ImportError naming the extra when kornia is missing. See docs/augment.md.
+Plain torch ops only (no kornia needed); see docs/augment.md.
 """
 
 from star_heads.augment._module import STARAugment
@@ -17,22 +16,27 @@ from star_heads.augment._params import (
     CropUnits,
     param_names,
 )
-from star_heads.augment._sample import AugmentSample, params_to_pixels, pixels_to_params, sample_augment
+from star_heads.augment._sample import (
+    AugmentSample,
+    params_to_pixels,
+    pixels_to_params,
+    sample_augment,
+)
 
 __all__ = [
-    "PARAM_NAMES",
-    "PARAM_DIM",
-    "SOLARIZE_NAME",
     "MAX_STRENGTH",
-    "CropUnits",
+    "PARAM_DIM",
+    "PARAM_NAMES",
+    "SOLARIZE_NAME",
     "AugmentConfig",
     "AugmentSample",
+    "CropUnits",
     "MultiCropViews",
     "STARAugment",
-    "sample_augment",
-    "param_names",
     "crop_resize",
     "gaussian_blur",
+    "param_names",
     "params_to_pixels",
     "pixels_to_params",
+    "sample_augment",
 ]

@@ -15,8 +15,14 @@ from torch import nn
 from star_heads._checks import check_float_tensor, check_int
 from star_heads._value_checks import value_checks_enabled
 from star_heads.augment._multicrop import MultiCropViews
-from star_heads.augment._ops import apply_augment, crop_resize, require_kornia
-from star_heads.augment._params import AugmentConfig, CropUnits, _pair, check_units, param_names
+from star_heads.augment._ops import apply_augment, crop_resize
+from star_heads.augment._params import (
+    AugmentConfig,
+    CropUnits,
+    _pair,
+    check_units,
+    param_names,
+)
 from star_heads.augment._sample import AugmentSample, check_generator, sample_augment
 
 __all__ = ["STARAugment"]
@@ -30,8 +36,8 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 #: BYOL's recipe (arXiv 2006.07733, Table 6): shared settings and the two views' blur / solarization.
-_BYOL_SHARED = dict(scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-                    grayscale_p=0.2, blur_sigma=(0.1, 2.0))
+_BYOL_SHARED: dict[str, object] = {"scale": (0.08, 1.0), "jitter_p": 0.8, "brightness": 0.4, "contrast": 0.4,
+                                   "saturation": 0.2, "hue": 0.1, "grayscale_p": 0.2, "blur_sigma": (0.1, 2.0)}
 _BYOL_VIEWS = ({"blur_p": 1.0, "solarize_p": 0.0}, {"blur_p": 0.1, "solarize_p": 0.2})
 
 
@@ -91,7 +97,6 @@ class STARAugment(nn.Module):
         **overrides: object,
     ) -> None:
         super().__init__()
-        require_kornia()
         if config is not None and not isinstance(config, AugmentConfig):
             raise TypeError(f"config must be an AugmentConfig or None, got {type(config).__name__}")
         size = _pair(output_size, "output_size")
@@ -175,8 +180,8 @@ class STARAugment(nn.Module):
                 "(replicate channels, or pass saturation=0, hue=0, grayscale_p=0)"
             )
         if value_checks_enabled(any(c.check_range for c in (*configs, self.config))):  # a host read: opt-in
-            lo, hi = torch.aminmax(x.detach())
-            lo, hi = float(lo), float(hi)
+            lo_t, hi_t = torch.aminmax(x.detach())
+            lo, hi = float(lo_t), float(hi_t)
             if not (lo >= 0.0 and hi <= 1.0):  # NaN fails both comparisons, so NaN images are refused too
                 raise ValueError(f"images must lie in [0, 1] (before normalisation), got range [{lo:.4g}, {hi:.4g}]")
         return x
@@ -218,7 +223,7 @@ class STARAugment(nn.Module):
         model holding this module); ``apply(images, sample)`` is kept as an alias of :meth:`replay`."""
         if sample is None and callable(fn_or_images):
             return super().apply(fn_or_images)
-        return self.replay(fn_or_images, sample)
+        return self.replay(fn_or_images, sample)  # type: ignore[arg-type]  # replay raises for a non-sample
 
     def replay(self, images: torch.Tensor, sample: AugmentSample) -> torch.Tensor:
         """Applies a drawn :class:`AugmentSample` to ``images``; returns the views.

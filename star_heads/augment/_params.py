@@ -17,13 +17,13 @@ from typing import Literal
 from star_heads._checks import check_bool, check_choice, check_float, check_probability
 
 __all__ = [
-    "PARAM_NAMES",
-    "PARAM_DIM",
-    "SOLARIZE_NAME",
     "MAX_STRENGTH",
+    "PARAM_DIM",
+    "PARAM_NAMES",
+    "SOLARIZE_NAME",
     "SOLARIZE_THRESHOLD",
-    "CropUnits",
     "AugmentConfig",
+    "CropUnits",
     "param_names",
 ]
 
@@ -128,7 +128,10 @@ class AugmentConfig:
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             check_probability(getattr(self, name), name)
         for name in ("brightness", "contrast", "saturation"):
-            check_float(getattr(self, name), name, minimum=0.0, maximum=MAX_STRENGTH)
+            v = check_float(getattr(self, name), name, minimum=0.0)
+            if v > MAX_STRENGTH:
+                raise ValueError(f"{name} must be <= {MAX_STRENGTH:g} (a factor of 256 already saturates every 8-bit "
+                                 f"pixel; far larger ones overflow float32 and give NaN views), got {v:g}")
         check_float(self.hue, "hue", minimum=0.0, maximum=0.5)
         for name in ("scale", "ratio", "blur_sigma"):
             _range(getattr(self, name), name)

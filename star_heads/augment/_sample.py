@@ -26,7 +26,7 @@ from star_heads.augment._params import (
     check_units,
 )
 
-__all__ = ["AugmentSample", "sample_augment", "check_generator", "params_to_pixels", "pixels_to_params"]
+__all__ = ["AugmentSample", "check_generator", "params_to_pixels", "pixels_to_params", "sample_augment"]
 
 _PACKED = 17
 
@@ -215,9 +215,9 @@ def sample_augment(
     h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
     in_ratio = W / H
     if in_ratio < min(config.ratio):
-        fw, fh = W, int(round(W / min(config.ratio)))
+        fw, fh = W, round(W / min(config.ratio))
     elif in_ratio > max(config.ratio):
-        fh, fw = H, int(round(H * max(config.ratio)))
+        fh, fw = H, round(H * max(config.ratio))
     else:
         fw, fh = W, H
     fh, fw = min(max(fh, 1), H), min(max(fw, 1), W)

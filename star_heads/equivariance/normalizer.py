@@ -15,7 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from star_heads import distributed as _dist
-from star_heads._checks import check_bool, check_choice, check_float, check_float_tensor, check_positive_int
+from star_heads._checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_float_tensor,
+    check_positive_int,
+)
 from star_heads._value_checks import value_checks_enabled
 from star_heads.augment._params import CropUnits
 
