@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +189,26 @@ def test_original_matches_interpolate():
     aug = STARAugment((16, 12), view_configs=[{}, {"antialias": False}])
     ref = F.interpolate(x.double(), size=(16, 12), mode="bilinear", align_corners=False, antialias=True)
     torch.testing.assert_close(aug.original(x).double(), ref, rtol=0, atol=2e-6)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_docs_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "augment.md").read_text(), re.DOTALL)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/augment.md", "exec"), {})  # noqa: S102 - the docs example itself
+
+
+def test_benchmark_quick_measures_multi_crop(tmp_path):
+    pytest.importorskip("kornia")  # the benchmark's reference pipeline
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.augment", "--quick", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mc = json.loads((tmp_path / "benchmarks" / "augment.json").read_text())["multi_crop"]
+    assert mc["num_local_crops"] == 6 and mc["two_views_ms"] > 0 and mc["multi_crop_ms"] > 0
+    assert mc["multi_over_two"] == pytest.approx(mc["multi_crop_ms"] / mc["two_views_ms"])
+    section = (tmp_path / "augment.md").read_text()
+    assert "<!-- BEGIN multicrop_speed -->" in section and "2 global + 6 local crops" in section
