@@ -155,3 +155,24 @@ def test_a_cpu_generator_gives_the_same_sample_on_any_device(device):
         torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0)
     for a, b in zip(ref.views, got.views):
         torch.testing.assert_close(b.cpu(), a, rtol=0, atol=1e-4)
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**31 - 1), probs=st.lists(st.sampled_from([0.0, 0.3, 1.0]), min_size=5, max_size=5),
+       strength=st.floats(0.0, 3.0), hue=st.floats(0.0, 0.5), lo=st.floats(0.05, 1.0), span=st.floats(0.0, 2.0))
+def test_device_draws_respect_the_config(device, seed, probs, strength, hue, lo, span):
+    flip_p, jitter_p, grayscale_p, blur_p, solarize_p = probs
+    cfg = AugmentConfig(8, flip_p=flip_p, jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p,
+                        solarize_p=solarize_p, brightness=strength, contrast=strength, saturation=strength, hue=hue,
+                        blur_sigma=(lo, lo + span))
+    s = sample_augment(cfg, 64, (19, 13), torch.Generator(device).manual_seed(seed)).to("cpu")
+    for flag, p in (("flip", flip_p), ("jitter", jitter_p), ("grayscale", grayscale_p), ("solarize", solarize_p)):
+        t = getattr(s, flag)
+        assert (p > 0 or not t.any()) and (p < 1 or t.all()), flag
+    assert (blur_p > 0 or not (s.sigma > 0).any()) and (blur_p < 1 or (s.sigma > 0).all())
+    blurred = s.sigma[s.sigma > 0]
+    assert (blurred >= lo).all() and (blurred <= lo + span).all()
+    f = s.factors[s.jitter]
+    assert (f[:, :3] >= max(0.0, 1 - strength)).all() and (f[:, :3] <= 1 + strength).all()
+    assert (f[:, 3].abs() <= hue).all()
+    s.validate(values=True)
