@@ -77,14 +77,15 @@ def reference_view(img, p, order, jitter, size, kernel, antialias):
         ((9, 13), (14, 11), True, dict(blur_kernel_size=5, blur_p=1.0)),
     ],
 )
-def test_params_reproduce_views(src, out, antialias, overrides):
+def test_params_reproduce_views(src, out, antialias, overrides, device):
     torch.manual_seed(0)
     images = torch.rand(10, 3, *src)
     aug = STARAugment(out, antialias=antialias, **overrides)
-    views, params = aug(images, generator=torch.Generator().manual_seed(7))
-    sample = aug.sample(10, src, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(aug.replay(images, sample), views, rtol=0, atol=0)
-    torch.testing.assert_close(aug.apply(images, sample), views, rtol=0, atol=0)  # the older name, an alias
+    views, params = aug(images.to(device), generator=torch.Generator(device).manual_seed(7))
+    sample = aug.sample(10, src, generator=torch.Generator(device).manual_seed(7))
+    torch.testing.assert_close(aug.replay(images.to(device), sample), views, rtol=0, atol=0)
+    torch.testing.assert_close(aug.apply(images.to(device), sample), views, rtol=0, atol=0)  # an alias of replay
+    views, params, sample = views.cpu(), params.cpu(), sample.to("cpu")
     px = params_to_pixels(params.double(), src)
     for i in range(10):
         ref = reference_view(images[i], px[i], sample.order[i], bool(sample.jitter[i]), out, aug.config.kernel_size,
