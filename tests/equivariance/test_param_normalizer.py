@@ -80,3 +80,28 @@ def test_for_augment_and_constants():
     with pytest.raises(TypeError, match="momentum"):
         AugParamNormalizer(3, momentum=True)
     assert "num_samples" not in repr(AugParamNormalizer(3).to("meta"))  # no value read to print a meta module
+
+
+def _poisoned_rank_worker(rank, world_size, batches):
+    norm = AugParamNormalizer(3).train()
+    for i, b in enumerate(batches):
+        part = b[rank * 2 : rank * 2 + 2].clone()
+        if i == 1 and rank == 1:
+            part[0, 2] = float("nan")  # only rank 1 sees the NaN
+        norm(part)
+    return norm.state_dict()
+
+
+@pytest.mark.distributed
+def test_a_nan_on_one_rank_is_skipped_by_every_rank():
+    from dist_utils import run_distributed
+
+    batches = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3)]
+    states = run_distributed(_poisoned_rank_worker, world_size=2, args=(batches,))
+    single = AugParamNormalizer(3).train()
+    for i, b in enumerate(batches):
+        if i != 1:  # the poisoned global batch never happened
+            single(b)
+    for state in states:
+        for k, v in single.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=1e-12, atol=1e-12)
