@@ -130,3 +130,75 @@ def test_readouts_go_into_tensorboard_add_scalars(tmp_path):
     for key, value in values.items():
         step, got = by_key[key]
         assert step == 3 and got == pytest.approx(value, rel=1e-6)
+
+
+class RecordingJoint(JointModule):
+    """Records every CCA result with the trainer's global_step while its batch ran (the step it was computed)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.cca_at: list[tuple[int, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        h0, h1, h2 = self.backbone(x), self.backbone(x + 0.1 * torch.randn_like(x)), self.backbone(x - 0.1)
+        out = self.adapter(h1, h2, h0=h0, params1=torch.rand(len(x), 11), params2=torch.rand(len(x), 11))
+        if out.cca is not None:
+            self.cca_at.append((self.trainer.global_step, out.cca.mean))
+        return out.loss
+
+
+def _scalars(logdir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = []
+    for path in sorted(logdir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            events += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return events
+
+
+@pytest.mark.parametrize("log_every_n_steps", [1, 5])
+def test_every_cca_result_reaches_tensorboard_once_at_its_step(tmp_path, log_every_n_steps):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    torch.manual_seed(0)
+    model = RecordingJoint(output_dim=4, cca_every=2)  # a result every 2 steps once enough rows: steps 1, 3, 5, ...
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"),
+                        log_every_n_steps=log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[STARLoggingCallback(every=3)])
+    trainer.fit(model, _loader(12))
+    assert len(model.cca_at) >= 4
+    read = _scalars(tmp_path, "star/cca/mean")
+    assert [s for s, _ in read] == [s for s, _ in model.cca_at]  # each once, at its step, nothing stale in between
+    for (_, got), (_, want) in zip(read, model.cca_at):
+        assert got == pytest.approx(want, rel=1e-6)
+    # routing and collapse readouts: once per `every` optimiser steps, at those steps
+    assert [s for s, _ in _scalars(tmp_path, "star/routing/inv/entropy")] == [0, 3, 6, 9]
+    ranks = _scalars(tmp_path, "star/collapse/eq/rank")
+    assert [s for s, _ in ranks] == [0, 3, 6, 9] and all(1.0 <= v <= 4.0 + 1e-4 for _, v in ranks)
+
+
+def test_the_callback_logs_once_per_optimiser_step_under_gradient_accumulation():
+    torch.manual_seed(0)
+    model = JointModule(output_dim=4, cca_every=1000)
+    logged = []
+
+    class Counting(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            logged.append(dict(trainer.callback_metrics))
+
+    callback = STARLoggingCallback(every=1)
+    emitted = []
+    original = callback._emit
+    callback._emit = lambda trainer, module, values, step: (emitted.append((step, sorted(values))), original(trainer, module, values, step))
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, accumulate_grad_batches=2,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback, Counting()])
+    trainer.fit(model, _loader(6))
+    assert trainer.global_step == 3 and len(logged) == 6  # 6 micro-batches
+    assert [s for s, _ in emitted] == [0, 1, 2]  # one emission per optimiser step, at its step
+    assert all("star/routing/inv/entropy" in keys and "star/collapse/inv/std" in keys for _, keys in emitted)
