@@ -22,7 +22,8 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "AdapterOutput", "EquiModAdapter", "JointAdapter", "SimCLRAdapter", "VICRegAdapter", "build_head",
     ),
     "star_heads.augment": (
-        "PARAM_DIM", "PARAM_NAMES", "AugmentConfig", "STARAugment", "params_to_pixels", "pixels_to_params",
+        "PARAM_DIM", "PARAM_NAMES", "AugmentConfig", "MultiCropViews", "STARAugment", "params_to_pixels",
+        "pixels_to_params",
     ),
     "star_heads.baselines": ("SeparateHeads", "SharedSpecificHead"),
     "star_heads.equivariance": (
@@ -69,7 +70,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from star_heads.adapters import AdapterOutput, EquiModAdapter, JointAdapter, SimCLRAdapter, VICRegAdapter, build_head
-    from star_heads.augment import PARAM_DIM, PARAM_NAMES, AugmentConfig, STARAugment, params_to_pixels, pixels_to_params
+    from star_heads.augment import (
+        PARAM_DIM,
+        PARAM_NAMES,
+        AugmentConfig,
+        MultiCropViews,
+        STARAugment,
+        params_to_pixels,
+        pixels_to_params,
+    )
     from star_heads.baselines import SeparateHeads, SharedSpecificHead
     from star_heads.equivariance import STL10_PARAM_MEAN, STL10_PARAM_STD, AugParamNormalizer, EquivariantPredictor
     from star_heads.experts import ExpertBank
@@ -154,6 +163,7 @@ __all__ = [
     # augmentation (kornia is imported only when STARAugment is built)
     "STARAugment",
     "AugmentConfig",
+    "MultiCropViews",
     "PARAM_NAMES",
     "PARAM_DIM",
     "params_to_pixels",

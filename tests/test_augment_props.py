@@ -129,7 +129,7 @@ def test_shapes_and_ranges(batch, rgb, hw, out, seed, units):
 )
 def test_bad_images(make, err, words):
     with pytest.raises(err, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        STARAugment(8)(make())
+        STARAugment(8, check_range=True)(make())
 
 
 def test_range_check_can_be_turned_off():

@@ -1,22 +1,28 @@
-"""Applying a sampled augmentation: crop + resize + flip as two interpolation matrices, then kornia's functional ops.
+"""Making the views of a sampled augmentation: crop + resize + flip as two interpolation matrices, then masked ops.
 
 Crop-and-resize of a batch with a different box per image is written as ``view = R_y · crop(x) · R_xᵀ`` with
 per-image interpolation matrices ``R_y [h, H]`` and ``R_x [w, W]`` whose rows hold the bilinear weights of
 ``F.interpolate(crop, size, mode="bilinear", align_corners=False, antialias=...)`` (triangle filter stretched by the
-shrink factor when antialiasing, renormalised at the crop border). A flip reverses the rows of ``R_x``. Colour jitter
-(torchvision semantics, per-image op order), grayscale and Gaussian blur (one sigma per image, reflect padding) use
-kornia's functional API on the subset of images each op applies to.
+shrink factor when antialiasing, renormalised at the crop border). A flip reverses the rows of ``R_x``.
 
-Axis legend: B batch, C channels, H/W source height/width, h/w view height/width.
+Colour jitter (torchvision semantics, per-image op order, kornia's functional ops), grayscale, Gaussian blur (one
+sigma per image, reflect padding, separable convolution written here) and solarization run on the whole batch and
+are kept per image by a mask (``torch.where``): no index subset, no host read, no copy, the same kernels on every
+batch. An op whose strength or probability is 0 in the config is skipped (a Python decision).
+
+Axis legend: B batch, C channels, H/W source height/width, h/w view height/width, k blur kernel size.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
-from star_heads.augment._params import AugmentConfig, AugmentSample
+from star_heads.augment._params import SOLARIZE_THRESHOLD
+from star_heads.augment._sample import AugmentSample
 
-__all__ = ["require_kornia", "resize_matrix", "crop_resize", "apply_augment"]
+__all__ = ["require_kornia", "resize_matrix", "crop_resize", "gaussian_blur", "apply_augment"]
 
 
 def require_kornia():
@@ -62,7 +68,7 @@ def resize_matrix(
 def crop_resize(
     images: torch.Tensor,
     crop: torch.Tensor,
-    flip: torch.Tensor,
+    flip: torch.Tensor | None,
     size: tuple[int, int],
     antialias: bool,
 ) -> torch.Tensor:
@@ -70,8 +76,8 @@ def crop_resize(
 
     Args:
         images: ``[B, C, H, W]``.
-        crop: ``[B, 4]`` int64 boxes in pixels.
-        flip: ``[B]`` bool.
+        crop: ``[B, 4]`` int64 boxes in pixels, on the images' device.
+        flip: ``[B]`` bool on the images' device, or None for no flip.
         size: ``(h, w)``.
         antialias: See :func:`resize_matrix`.
 
@@ -79,53 +85,72 @@ def crop_resize(
         ``[B, C, h, w]`` in the dtype of ``images``.
     """
     H, W = images.shape[-2:]
-    crop, flip = crop.to(images.device), flip.to(images.device)
     ry = resize_matrix(crop[:, 0], crop[:, 2], H, size[0], antialias)  # [B, h, H]
     rx = resize_matrix(crop[:, 1], crop[:, 3], W, size[1], antialias)  # [B, w, W]
-    rx = torch.where(flip[:, None, None], rx.flip(1), rx)
+    if flip is not None:
+        rx = torch.where(flip[:, None, None], rx.flip(1), rx)
     ry, rx = ry.to(images.dtype), rx.to(images.dtype)
     cols = torch.einsum("bcHW,bwW->bcHw", images, rx)
     return torch.einsum("bhH,bcHw->bchw", ry, cols)
 
 
-def _subset_apply(x: torch.Tensor, sel: torch.Tensor, fn) -> torch.Tensor:
-    idx = sel.nonzero().flatten()
-    if idx.numel() == 0:
-        return x
-    idx = idx.to(x.device)
-    return x.index_copy(0, idx, fn(x.index_select(0, idx), idx))
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blurs each image with its own sigma: separable ``k x k`` Gaussian, reflect padding (kornia's
+    ``gaussian_blur2d(..., border_type="reflect")``, written with plain ops so that no value is checked on the host).
+
+    Args:
+        x: ``[B, C, h, w]`` with ``kernel_size // 2 < min(h, w)``.
+        sigma: ``[B]`` sigmas (> 0 where the result is used; values <= 1e-3 give the identity kernel).
+        kernel_size: Odd ``k``.
+
+    Returns:
+        ``[B, C, h, w]``.
+    """
+    B, C = x.shape[:2]
+    t = torch.arange(kernel_size, device=x.device, dtype=torch.float64) - kernel_size // 2  # [k]
+    s = sigma.to(torch.float64).clamp_min(1e-3)[:, None]  # [B, 1]
+    g = torch.exp(-0.5 * (t[None, :] / s).square())
+    g = (g / g.sum(dim=1, keepdim=True)).to(x.dtype)  # [B, k]
+    weight = rearrange(g[:, None, :].expand(B, C, kernel_size), "B C k -> (B C) 1 k")
+    p = kernel_size // 2
+    v = rearrange(F.pad(x, (p, p, p, p), mode="reflect"), "B C h w -> 1 (B C) h w")
+    v = F.conv2d(v, weight[:, :, :, None], groups=B * C)  # along h
+    v = F.conv2d(v, weight[:, :, None, :], groups=B * C)  # along w
+    return rearrange(v, "1 (B C) h w -> B C h w", B=B)
 
 
-def apply_augment(images: torch.Tensor, sample: AugmentSample, config: AugmentConfig) -> torch.Tensor:
-    """Applies a sampled augmentation to ``images [B, C, H, W]`` and returns the views ``[B, C, h, w]``.
+def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask[:, None, None, None], a, b)
 
-    Pipeline order (SimCLR/STAR): crop+resize, flip, colour jitter (ops in ``sample.order``), grayscale, blur.
+
+def apply_augment(images: torch.Tensor, sample: AugmentSample) -> torch.Tensor:
+    """Applies a sampled augmentation (with ``sample.config``) to ``images [B, C, H, W]``; returns ``[B, C, h, w]``.
+
+    Pipeline order (SimCLR / BYOL): crop+resize, flip, colour jitter (ops in ``sample.order``), grayscale, blur,
+    solarize. ``sample`` must be on the images' device.
     """
     kornia = require_kornia()
     enh = kornia.enhance
+    config = sample.config
     x = crop_resize(images, sample.crop, sample.flip, config.size, config.antialias)
-    jitter, order = sample.jitter.cpu(), sample.order.cpu()
-    factors = sample.factors.to(device=x.device, dtype=x.dtype)
-    ops = (
-        lambda v, f: enh.adjust_brightness_accumulative(v, f),
-        lambda v, f: enh.adjust_contrast_with_mean_subtraction(v, f),
-        lambda v, f: enh.adjust_saturation_with_gray_subtraction(v, f),
-        lambda v, f: enh.adjust_hue(v, f * (2.0 * torch.pi)),  # torchvision turns -> kornia radians
-    )
-    strength = (config.brightness, config.contrast, config.saturation, config.hue)
-    if bool(jitter.any()):
-        for k in range(4):
-            for op_id, op in enumerate(ops):
-                if strength[op_id] == 0:  # factor is neutral for every image: skip (hue round trip is inexact)
-                    continue
-                sel = jitter & (order[:, k] == op_id)
-                x = _subset_apply(x, sel, lambda v, idx, op=op, op_id=op_id: op(v, factors[idx, op_id]))
-    gray = kornia.color.rgb_to_grayscale
-    x = _subset_apply(x, sample.grayscale.cpu(), lambda v, idx: gray(v).expand_as(v))
-    k = config.kernel_size
-    sig = sample.sigma.to(device=x.device, dtype=x.dtype)
-
-    def blur(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return kornia.filters.gaussian_blur2d(v, (k, k), sig[idx][:, None].expand(-1, 2), border_type="reflect")
-
-    return _subset_apply(x, sample.sigma.cpu() > 0, blur)
+    ops = config.jitter_ops
+    if ops:
+        factors = sample.factors.to(x.dtype)
+        fns = (
+            enh.adjust_brightness_accumulative,
+            enh.adjust_contrast_with_mean_subtraction,
+            enh.adjust_saturation_with_gray_subtraction,
+            lambda v, f: enh.adjust_hue(v, f * (2.0 * torch.pi)),  # torchvision turns -> kornia radians
+        )
+        for k in range(4):  # the k-th op of each image's own order
+            y = x
+            for op in ops:
+                y = _where(sample.jitter & (sample.order[:, k] == op), fns[op](x, factors[:, op]), y)
+            x = y
+    if config.grayscale_p > 0:
+        x = _where(sample.grayscale, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
+    if config.blur_p > 0:
+        x = _where(sample.sigma > 0, gaussian_blur(x, sample.sigma, config.kernel_size), x)
+    if config.solarize_p > 0:
+        x = _where(sample.solarize, torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x), x)
+    return x

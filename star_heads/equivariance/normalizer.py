@@ -7,16 +7,18 @@ while training, fitted once, or set from published constants.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
-from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from star_heads import distributed as _dist
-from star_heads._checks import check_bool, check_choice, check_float_tensor, check_positive_int
+from star_heads._checks import check_bool, check_choice, check_float, check_float_tensor, check_positive_int
+from star_heads._value_checks import value_checks_enabled
+from star_heads.augment._params import CropUnits
 
-CropUnits = Literal["normalized", "pixels"]
 #: Side of the STL10 images the published crop constants are measured in (pixels).
 STL10_IMAGE_SIZE = 96
 
@@ -49,6 +51,10 @@ class AugParamNormalizer(nn.Module):
     ``track_running_stats=False``) the stored statistics are used unchanged. Before any data
     the normaliser is the identity (mean 0, std 1).
 
+    A batch holding a NaN or Inf leaves the statistics exactly as they were (decided on the device with
+    ``torch.where``, no host read; distributed, when any rank's batch does); its output still carries the
+    non-finite values, so the loss shows them.
+
     Dimensions whose std is ``<= eps`` (e.g. a flag that was never set) are only centred (scale
     1, as sklearn's StandardScaler), so they never produce NaN/Inf.
 
@@ -60,21 +66,23 @@ class AugParamNormalizer(nn.Module):
     still computed in float64.
 
     Args:
-        dim: Width of the parameter vector (11 for the STAR encoding; 4 for a quaternion latent).
+        dim: Width of the parameter vector (``aug.param_dim`` of a :class:`~star_heads.augment.STARAugment`: 11
+            for the STAR encoding, 12 with solarization; 4 for a quaternion latent). See :meth:`for_augment`.
         momentum: None for exact cumulative statistics, or an EMA factor in (0, 1].
         eps: Std threshold below which a dimension is not scaled.
         track_running_stats: Update statistics in training mode.
         sync_distributed: All-reduce batch statistics across ranks when distributed.
-        check_finite: Refuse NaN/Inf parameters before updating the statistics. This is the one
-            host-device synchronisation of a training step; ``False`` removes it (and lets a
-            non-finite batch poison the statistics).
+        check_finite: Raise ValueError on NaN/Inf parameters before updating the statistics. A host
+            read (one host-device sync per call), so off by default; ``star_heads.set_value_checks(True)``
+            turns it on everywhere. Without it a non-finite batch is skipped by the statistics (see above).
         crop_units: The units of the crop box (dimensions 0-3 of the 11-D STAR vector) that the
             statistics are measured in: ``"normalized"`` (fractions of the source image, the default
             of :class:`~star_heads.augment.STARAugment`) or ``"pixels"``; None (default) when the
             statistics are fitted or tracked from the data itself. When set, every call checks that
             the crop sizes (dimensions 2-3) are in those units — all ``<= 1`` for normalised boxes,
             some ``> 1`` for pixel boxes — and raises ValueError otherwise, instead of silently
-            standardising pixels with fraction statistics or the reverse (one host-device sync).
+            standardising pixels with fraction statistics or the reverse. The check reads values: it runs
+            on CPU tensors (no device sync) and, on an accelerator, when value checks are on.
     """
 
     running_mean: Tensor
@@ -89,7 +97,7 @@ class AugParamNormalizer(nn.Module):
         eps: float = 1e-6,
         track_running_stats: bool = True,
         sync_distributed: bool = True,
-        check_finite: bool = True,
+        check_finite: bool = False,
         crop_units: CropUnits | None = None,
     ) -> None:
         super().__init__()
@@ -99,12 +107,11 @@ class AugParamNormalizer(nn.Module):
             if dim < 4:
                 raise ValueError(f"crop_units needs a parameter vector with a crop box (dim >= 4), got dim {dim}")
         self.crop_units: CropUnits | None = crop_units
-        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
-            raise ValueError(f"momentum must be None or in (0, 1], got {momentum!r}")
-        if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-        self.momentum = None if momentum is None else float(momentum)
-        self.eps = float(eps)
+        if momentum is not None:
+            momentum = check_float(momentum, "momentum (None or in (0, 1])", minimum=0.0, maximum=1.0,
+                                   min_inclusive=False)
+        self.momentum = momentum
+        self.eps = check_float(eps, "eps", minimum=0.0)
         self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
         self.sync_distributed = check_bool(sync_distributed, "sync_distributed")
         self.check_finite = check_bool(check_finite, "check_finite")
@@ -124,8 +131,7 @@ class AugParamNormalizer(nn.Module):
         because ``num_samples`` starts at 0). Pass ``crop_units`` to have every call check that the
         crop box comes in the units of the constants.
         """
-        mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
-        std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
+        mean_t, std_t = _constants(mean, "mean"), _constants(std, "std")
         if mean_t.shape != std_t.shape or mean_t.numel() == 0:
             raise ValueError(f"mean and std must be non-empty with equal length, got {mean_t.numel()} and {std_t.numel()}")
         if not bool(torch.isfinite(mean_t).all() and torch.isfinite(std_t).all()) or bool((std_t < 0).any()):
@@ -134,6 +140,17 @@ class AugParamNormalizer(nn.Module):
         norm.running_mean.copy_(mean_t)
         norm.running_var.copy_(std_t.square())
         return norm
+
+    @classmethod
+    def for_augment(cls, augment: nn.Module, **kwargs) -> AugParamNormalizer:
+        """A normaliser sized for ``augment``'s parameter vectors (``augment.param_dim``: 11, or 12 when a view of
+        a :class:`~star_heads.augment.STARAugment` can solarize), with tracked statistics; ``kwargs`` as the
+        constructor's. Its crop units are recorded (``crop_units=augment.crop_units``) unless given."""
+        dim = getattr(augment, "param_dim", None)
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"augment must have an int param_dim (a STARAugment), got {type(augment).__name__}")
+        kwargs.setdefault("crop_units", getattr(augment, "crop_units", None))
+        return cls(int(dim), **kwargs)
 
     @classmethod
     def stl10(cls, crop_units: CropUnits = "pixels", **kwargs) -> AugParamNormalizer:
@@ -165,7 +182,8 @@ class AugParamNormalizer(nn.Module):
 
     def _check(self, params: object) -> Tensor:
         params = check_float_tensor(params, "params", sizes=[None, self.dim])
-        if self.crop_units is not None and params.shape[0] > 0:
+        reads_free = params.device.type == "cpu" or value_checks_enabled()
+        if self.crop_units is not None and params.shape[0] > 0 and reads_free:
             size = float(params[:, 2:4].detach().abs().amax())
             if self.crop_units == "normalized" and not size <= 1.0 + 1e-6:
                 raise ValueError(
@@ -182,29 +200,32 @@ class AugParamNormalizer(nn.Module):
         return params
 
     @torch.no_grad()
-    def _batch_stats(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(count, mean, population var) of the batch as float64 tensors, all-reduced over ranks when
-        distributed. No host-device synchronisation."""
+    def _batch_stats(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(count, number of non-finite values, mean, population var) of the batch as float64 tensors,
+        all-reduced over ranks when distributed. No host-device synchronisation."""
         x = params.detach().double()
         sync = self.sync_distributed and _dist.is_distributed() and _dist.world_size() > 1
         if not sync and x.shape[0] == 0:
             raise ValueError("params must hold at least one row to update the statistics, got 0")
-        head = torch.cat([x.new_full((1,), float(x.shape[0])), x.sum(0)])
+        bad = (~torch.isfinite(x)).sum().double()[None]
+        head = torch.cat([x.new_full((1,), float(x.shape[0])), bad, x.sum(0)])
         head = _dist.all_reduce_sum(head) if sync else head
-        count = head[0]
-        mean = head[1:] / count.clamp_min(1)
+        count, bad = head[0], head[1]
+        mean = head[2:] / count.clamp_min(1)
         m2 = (x - mean).square().sum(0)
         m2 = _dist.all_reduce_sum(m2) if sync else m2
-        return count, mean, m2 / count.clamp_min(1)
+        return count, bad, mean, m2 / count.clamp_min(1)
 
     @torch.no_grad()
     def update(self, params: Tensor) -> None:
         """Merges a batch ``[B, dim]`` into the running statistics (validated first).
 
-        Runs without host-device synchronisation, except the finiteness check of ``check_finite``.
+        Runs without host-device synchronisation, except the finiteness check of ``check_finite`` (or
+        the global value-check switch). A batch with a non-finite value changes nothing.
         """
-        params = check_float_tensor(params, "params", sizes=[None, self.dim], finite=self.check_finite)
-        count, mean_b, var_b = self._batch_stats(params)
+        finite = value_checks_enabled(self.check_finite)
+        params = check_float_tensor(params, "params", sizes=[None, self.dim], finite=finite)
+        count, bad, mean_b, var_b = self._batch_stats(params)
         n_a = self.num_samples.double()
         mean_a, var_a = self.running_mean.double(), self.running_var.double()
         if self.momentum is None:  # Chan's merge; with n_a = 0 it gives the batch statistics exactly
@@ -217,10 +238,11 @@ class AugParamNormalizer(nn.Module):
             first = n_a == 0
             mean = torch.where(first, mean_b, (1 - m) * mean_a + m * mean_b)
             var = torch.where(first, var_b, (1 - m) * var_a + m * var_b)
-        seen = count > 0  # an empty global batch (possible only when distributed) changes nothing
-        self.running_mean.copy_(torch.where(seen, mean, mean_a))
-        self.running_var.copy_(torch.where(seen, var, var_a))
-        self.num_samples.add_(count.round().long())
+        # an empty global batch (possible only when distributed) or one with a NaN/Inf changes nothing
+        take = (count > 0) & (bad == 0)
+        self.running_mean.copy_(torch.where(take, mean, mean_a))
+        self.running_var.copy_(torch.where(take, var, var_a))
+        self.num_samples.add_(torch.where(take, count, 0.0).round().long())
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -252,7 +274,24 @@ class AugParamNormalizer(nn.Module):
 
     def extra_repr(self) -> str:
         units = "" if self.crop_units is None else f", crop_units={self.crop_units!r}"
+        seen = f", num_samples={int(self.num_samples)}" if self.num_samples.device.type == "cpu" else ""
         return (
             f"{self.dim}{units}, momentum={self.momentum}, eps={self.eps}, "
-            f"track_running_stats={self.track_running_stats}, num_samples={int(self.num_samples.item())}"
+            f"track_running_stats={self.track_running_stats}{seen}"
         )
+
+
+def _constants(values: object, name: str) -> Tensor:
+    """``values`` (a tensor or a sequence of real numbers) as a flat float64 CPU tensor; TypeError otherwise."""
+    if isinstance(values, Tensor):
+        if values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real tensor or a sequence of numbers, got dtype {values.dtype}")
+        return values.detach().to("cpu", torch.float64).flatten()
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iuf":
+        return torch.as_tensor(values, dtype=torch.float64).flatten()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values
+    ):
+        raise TypeError(f"{name} must be a tensor or a sequence of real numbers, got {type(values).__name__} "
+                        f"{values!r}")
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)
