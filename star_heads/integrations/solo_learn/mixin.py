@@ -29,11 +29,12 @@ def build_augment(recipe: SoloRecipe) -> nn.Module:
     local = AugmentConfig(**{**recipe.local_config, "output_size": recipe.local_size})  # type: ignore[dict-item]
     return STARAugment(
         recipe.size,
-        local,
+        views[0],
         view_configs=views,
         num_local_crops=recipe.num_local_crops,
         local_size=recipe.local_size,
         local_scale=recipe.local_scale,
+        local_config=local,
     )
 
 
@@ -157,7 +158,7 @@ class STAREquivariantMixin:
             )
         else:
             augment = STARAugment(image_size, **(augment_kwargs or {}))
-            num_global, num_local = 2, 0
+            num_global, num_local = augment.num_views, 0
         want = (int(_get(cfg, "data.num_large_crops", num_global)), int(_get(cfg, "data.num_small_crops", num_local)))
         if want != (num_global, num_local):
             raise ValueError(
@@ -170,12 +171,10 @@ class STAREquivariantMixin:
 
         super().__init__(cfg)  # type: ignore[call-arg]
         head = replace_projector(self, num_experts=num_experts)  # type: ignore[arg-type]
-        param_dim = int(getattr(augment, "param_dim", 11))
         self.star_lam = lam
-        self.star_num_global = num_global
         self.star_augment = augment
-        self.star_predictor = EquivariantPredictor(head.output_dim, param_dim)
-        self.star_normalizer = AugParamNormalizer(param_dim)
+        self.star_predictor = EquivariantPredictor(head.output_dim, augment.param_dim)  # 12-D with solarization
+        self.star_normalizer = AugParamNormalizer.for_augment(augment)
         self.star_eq_loss = eq_loss or EquivariantNTXentLoss(temperature)
         self.register_buffer("star_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("star_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -189,16 +188,9 @@ class STAREquivariantMixin:
         return (x - self.star_mean) / self.star_std
 
     def _draw(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """``(large crops, their parameters, small crops)``, each a list over crops."""
-        aug = self.star_augment
-        if getattr(aug, "num_local_crops", 0):
-            mc = aug.multi_crop(images)
-            return list(mc.global_views), list(mc.global_params), list(mc.local_views)
-        if getattr(aug, "view_configs", None):
-            drawn = [aug(images, view=i) for i in range(self.star_num_global)]
-        else:
-            drawn = [aug(images) for _ in range(self.star_num_global)]
-        return [v for v, _ in drawn], [p for _, p in drawn], []
+        """``(large crops, their parameters, small crops)``, each a list over crops, drawn in one call."""
+        mc = self.star_augment.multi_crop(images)
+        return list(mc.global_views), list(mc.global_params), list(mc.local_views)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         indexes, images, targets = batch

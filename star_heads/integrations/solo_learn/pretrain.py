@@ -78,6 +78,8 @@ def run(cfg: Any, *, train_dataset: Any = None, val_loader: Any = "solo", callba
         raise ImportError(f"{SOLO_INSTALL_HINT}; it also needs lightning, omegaconf and torchvision") from err
 
     OmegaConf.set_struct(cfg, False)
+    if isinstance(cfg.get("devices"), int):  # solo's parse_cfg counts a list; `devices=1` is what a CPU run passes
+        cfg.devices = list(range(cfg.devices))
     cfg = parse_cfg(cfg)
     if cfg.data.format == "dali":
         raise ValueError(
@@ -106,6 +108,8 @@ def run(cfg: Any, *, train_dataset: Any = None, val_loader: Any = "solo", callba
     kwargs = OmegaConf.to_container(cfg)
     valid = inspect.signature(Trainer.__init__).parameters
     kwargs = {k: kwargs[k] for k in valid if k in kwargs}
+    if cfg.accelerator == "cpu":  # Lightning's CPU accelerator takes a process count, not device ids
+        kwargs["devices"] = len(cfg.devices)
     ckpt_path, wandb_run_id = _resume(cfg)
     kwargs.update({"logger": _logger(cfg, wandb_run_id), "callbacks": _callbacks(cfg) + list(callbacks or []),
                    "enable_checkpointing": False, "strategy": _strategy(cfg)})
