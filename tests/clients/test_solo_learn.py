@@ -1,5 +1,5 @@
 """solo-learn for real (client tier): replace_projector on every method with a projector, momentum methods
-included, and the equivariant mixin. Needs the solo-learn source on PYTHONPATH (v1.0.6) and its tests/ helpers."""
+included, and the equivariant mixin. Needs the solo-learn source on PYTHONPATH (commit 9187ea3, setup.py version 1.0.6) and its tests/ helpers."""
 
 import copy
 

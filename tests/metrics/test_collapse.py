@@ -6,7 +6,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from star_heads.metrics import CollapseStats, collapse_stats, effective_rank, embedding_std
+from star_heads.metrics import (
+    CollapseStats,
+    collapse_stats,
+    effective_rank,
+    embedding_std,
+)
 from tests.sync_guard import HostSyncGuard
 
 

@@ -11,7 +11,10 @@ beside a current torch. Install solo-learn from its source (``git clone`` the so
 ``pip install -e .`` inside it, or put the checkout on ``PYTHONPATH``), then ``pip install star-heads``.
 """
 
-from star_heads.integrations.solo_learn._swap import SOLO_INSTALL_HINT, replace_projector
+from star_heads.integrations.solo_learn._swap import (
+    SOLO_INSTALL_HINT,
+    replace_projector,
+)
 from star_heads.integrations.solo_learn.mixin import STAREquivariantMixin, build_augment
 from star_heads.integrations.solo_learn.recipe import SoloRecipe, recipe_from_cfg
 

@@ -60,10 +60,7 @@ def _get(node: Any, path: str, default: Any) -> Any:
     for key in path.split("."):
         if node is None:
             return default
-        try:
-            node = node.get(key) if hasattr(node, "get") else getattr(node, key, None)
-        except Exception:  # omegaconf raises on missing keys of structured configs
-            return default
+        node = node.get(key) if hasattr(node, "get") else getattr(node, key, None)
     return default if node is None else node
 
 
