@@ -202,3 +202,30 @@ def test_the_callback_logs_once_per_optimiser_step_under_gradient_accumulation()
     assert trainer.global_step == 3 and len(logged) == 6  # 6 micro-batches
     assert [s for s, _ in emitted] == [0, 1, 2]  # one emission per optimiser step, at its step
     assert all("star/routing/inv/entropy" in keys and "star/collapse/inv/std" in keys for _, keys in emitted)
+
+
+def test_capture_and_non_logging_steps_are_sync_free():
+    """Between logging steps the callback only keeps references: no host read (meta stands in for CUDA)."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    # by path: in the client tier the name `tests` is solo-learn's tests/ package (its helpers are used there)
+    spec = importlib.util.spec_from_file_location("_sync_guard", Path(__file__).resolve().parents[1] / "sync_guard.py")
+    sync_guard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync_guard)
+    HostSyncGuard = sync_guard.HostSyncGuard
+
+    head = STARHead(10, 8, num_experts=3, device="meta")
+    trainer = SimpleNamespace(global_step=1, loggers=[])
+    callback = STARLoggingCallback(every=50, cca_every=1000)
+    callback.on_fit_start(trainer, head)
+    x = torch.empty(16, 10, device="meta")
+    with HostSyncGuard("meta"):
+        z_inv, z_eq = head(x, task="inv"), head(x, task="eq")  # the hook keeps gates and each task's embedding
+        trainer.global_step = 2  # an optimiser step happened; step 1 is not a logging step for every=50
+        callback.on_train_batch_end(trainer, head, None, None, 0)
+    assert z_inv.shape == z_eq.shape == (16, 8)
+    assert callback._last_gates is not None and callback._last_gates.device.type == "meta"
+    assert set(callback._last_embeddings) == {"inv", "eq"}  # the task of each single-task call
+    callback.on_fit_end(trainer, head)
