@@ -33,7 +33,7 @@ def build_augment(recipe: SoloRecipe) -> nn.Module:
         view_configs=views,
         num_local_crops=recipe.num_local_crops,
         local_size=recipe.local_size,
-        local_scale=recipe.local_scale,
+        local_scale=recipe.local_scale or (0.05, 0.14),
         local_config=local,
     )
 
@@ -47,7 +47,7 @@ def _check_lam(lam: object) -> float:
 def _check_channels(value: object, name: str, *, positive: bool) -> tuple[float, float, float]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
         raise TypeError(f"{name} must be a sequence of 3 floats (one per RGB channel), got {type(value).__name__}")
-    values = tuple(value)  # type: ignore[arg-type]
+    values: tuple = tuple(value)  # type: ignore[arg-type]
     if len(values) != 3:
         raise ValueError(f"{name} must hold 3 values (one per RGB channel), got {len(values)}: {values!r}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
@@ -173,7 +173,7 @@ class STAREquivariantMixin:
         head = replace_projector(self, num_experts=num_experts)  # type: ignore[arg-type]
         self.star_lam = lam
         self.star_augment = augment
-        self.star_predictor = EquivariantPredictor(head.output_dim, augment.param_dim)  # 12-D with solarization
+        self.star_predictor = EquivariantPredictor(int(head.output_dim), int(augment.param_dim))  # 12-D with solarization
         self.star_normalizer = AugParamNormalizer.for_augment(augment)
         self.star_eq_loss = eq_loss or EquivariantNTXentLoss(temperature)
         self.register_buffer("star_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
