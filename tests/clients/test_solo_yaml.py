@@ -105,24 +105,30 @@ def test_cifar_yaml_trains_both_tasks(name):
 
 
 @pytest.mark.slow
-def test_imagenet100_yaml_byol_keeps_the_asymmetric_recipe_at_224(tmp_path):
-    cfg = _cfg("imagenet-100", "byol.yaml", "data.format=image_folder", "data.val_path=null", batch=2)
+@pytest.mark.parametrize("name", ["simclr", "byol", "vicreg"])
+def test_imagenet100_yaml_trains_both_tasks_at_224(name):
+    cfg = _cfg("imagenet-100", f"{name}.yaml", "data.format=image_folder", "data.val_path=null", batch=2)
     trainer, g, _ = _fit(cfg, _fake(cfg, n=4, side=256))
     aug = trainer.lightning_module.star_augment
     assert g["crops"] == [(2, 3, 224, 224)] * 2  # the config's crop size, not 32
-    assert [c.blur_p for c in aug.view_configs] == [1.0, 0.1] and [c.solarize_p for c in aug.view_configs] == [0.0, 0.2]
     torch.testing.assert_close(trainer.lightning_module.star_std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+    if name == "byol":  # solo's asymmetric recipe kept: blur 1.0 / 0.1, solarization 0 / 0.2
+        assert [c.blur_p for c in aug.view_configs] == [1.0, 0.1]
+        assert [c.solarize_p for c in aug.view_configs] == [0.0, 0.2]
 
 
 @pytest.mark.slow
-def test_imagenet100_multicrop_yaml_trains_on_every_crop(tmp_path):
-    cfg = _cfg("imagenet-100-multicrop", "simclr.yaml", "data.format=image_folder", "data.val_path=null",
-               "augmentations.1.num_crops=2", batch=2)  # 2 small crops instead of 6 keeps the test short
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_imagenet100_multicrop_yaml_trains_on_every_crop(name):
+    small = 1 if name == "simclr" else 2  # the small-crop pipeline's index: after one (symmetric) or two pipelines
+    cfg = _cfg("imagenet-100-multicrop", f"{name}.yaml", "data.format=image_folder", "data.val_path=null",
+               f"augmentations.{small}.num_crops=2", batch=2)  # 2 small crops instead of 6 keeps the test short
     trainer, g, seen = _fit(cfg, _fake(cfg, n=4, side=256))
     model = trainer.lightning_module
     assert (model.num_large_crops, model.num_small_crops) == (2, 2)
     assert g["crops"] == [(2, 3, 224, 224)] * 2 + [(2, 3, 96, 96)] * 2  # invariant objective: every crop
-    assert seen[0] == ([(2, 11)] * 2, 2)  # equivariant objective: the global views' parameters
+    width = 12 if name == "byol" else 11
+    assert seen[0] == ([(2, width)] * 2, 2)  # equivariant objective: the global views' parameters
 
 
 @pytest.mark.slow
