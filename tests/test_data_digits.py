@@ -49,7 +49,16 @@ def test_missing_sklearn_names_the_extra():
         "try:\n    load_digits()\nexcept ImportError as e:\n    print('ERR', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env())
-    assert 'pip install "star-heads[examples]"' in out.stdout
+    assert 'pip install "star-heads[data]"' in out.stdout
+
+
+def test_the_data_extra_is_scikit_learn_only():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert [d.split(">")[0] for d in extras["optional-dependencies"]["data"]] == ["scikit-learn"]
 
 
 def test_stratified_split_is_disjoint_complete_and_per_class():

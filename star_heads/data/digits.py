@@ -23,13 +23,13 @@ def load_digits(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         ``(images [n, 3, s, s], labels [n] int64 in 0..9)``.
 
     Raises:
-        ImportError: scikit-learn is missing (``pip install "star-heads[examples]"``).
+        ImportError: scikit-learn is missing (``pip install "star-heads[data]"``, scikit-learn only).
     """
     size = check_positive_int(image_size, "image_size")
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError as err:
-        raise ImportError('load_digits needs scikit-learn: pip install "star-heads[examples]"') from err
+        raise ImportError('load_digits needs scikit-learn: pip install "star-heads[data]"') from err
     bunch = _sk_load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0  # [n, 1, 8, 8]
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 8)

@@ -8,24 +8,27 @@ installed the callback is accepted by both ``Trainer`` classes). Usage::
     trainer = pl.Trainer(callbacks=[STARLoggingCallback(every=50)])
 
 It finds the STAR adapter (:class:`~star_heads.JointAdapter`) or head (any module with a router and task
-names) in the LightningModule, watches its calls with a forward hook (no extra forward pass) and logs, through
-``pl_module.log_dict``, flat floats under ``prefix``: ``routing/<task>/entropy``, ``.../effective_experts``,
-``.../expert_<k>/load``, ``routing/expert_<k>/task_overlap`` every ``every`` steps, and ``cca/mean``, ``cca/null_mean``,
-``cca/excess``, ``cca/n`` whenever a CCA result is ready (the adapter's own monitor; for a bare head, the
-callback's monitor fed by calls that return both tasks, ``head(x, task=None)``).
+names) in the LightningModule, watches its calls with a forward hook (no extra forward pass) and logs flat floats
+under ``prefix``: ``routing/<task>/entropy``, ``.../effective_experts``, ``.../expert_<k>/load``,
+``routing/expert_<k>/task_overlap`` and ``collapse/<task>/std``, ``collapse/<task>/rank`` every ``every``
+optimiser steps, and ``cca/mean``, ``cca/null_mean``, ``cca/excess``, ``cca/n`` for every CCA result (the
+adapter's own monitor; for a bare head, the callback's monitor fed by calls that return both tasks,
+``head(x, task=None)``). Values are written to the trainer's loggers at the step of the batch they come from,
+once each, independently of ``log_every_n_steps``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from star_heads._checks import check_positive_int
+from star_heads._checks import check_bool, check_positive_int
 from star_heads.adapters.base import AdapterOutput, JointAdapter
 from star_heads.heads import HeadOutput
-from star_heads.metrics import CCAMonitor
+from star_heads.metrics import CCAMonitor, collapse_stats
 from star_heads.routing import routing_stats
 
 
@@ -63,50 +66,94 @@ def find_star_module(module: nn.Module) -> nn.Module:
 
 
 class _STARLogging:
-    def __init__(self, every: int = 50, *, prefix: str = "star/", cca_every: int = 100, target: nn.Module | None = None):
+    def __init__(
+        self,
+        every: int = 50,
+        *,
+        prefix: str = "star/",
+        cca_every: int = 100,
+        target: nn.Module | None = None,
+        collapse: bool = True,
+    ):
         self.every = check_positive_int(every, "every")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         self.prefix, self.cca_every, self.target = prefix, check_positive_int(cca_every, "cca_every"), target
-        self._handle = None
+        self.collapse = check_bool(collapse, "collapse")
+        self._handle: Any = None
+        self._trainer: Any = None
+        self._default_task: str | None = None
         self._last_gates: torch.Tensor | None = None
-        self._last_cca: Any = None
+        self._last_embeddings: dict[str, torch.Tensor] = {}
+        self._capture_step = 0  # trainer.global_step while the captured batch ran
+        self._seen_step = 0  # trainer.global_step at the last batch end: a larger one means the optimiser stepped
+        self._pending_cca: list[tuple[int, Any]] = []  # (step it was computed at, result), each logged once
         self._monitor: CCAMonitor | None = None
         self._tasks: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         target = self.target if self.target is not None else find_star_module(pl_module)
+        self._trainer = trainer
         self._tasks = tuple(getattr(target, "tasks", ()))
+        task = inspect.signature(target.forward).parameters.get("task")
+        self._default_task = task.default if task is not None and isinstance(task.default, str) else None
         if not isinstance(target, JointAdapter):
             self._monitor = CCAMonitor(every=self.cca_every)
+        self._seen_step = trainer.global_step
+        self._pending_cca = []
         self._handle = target.register_forward_hook(self._capture, with_kwargs=True)
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        self._trainer = None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stepped = trainer.global_step > self._seen_step  # False on the first micro-batches under accumulation
+        self._seen_step = trainer.global_step
+        for step, result in self._pending_cca:
+            self._emit(trainer, pl_module, result.as_dict(f"{self.prefix}cca/"), step)
+        self._pending_cca = []
+        if not stepped or self._capture_step % self.every != 0:
+            return
         values: dict[str, float] = {}
-        if self._last_gates is not None and trainer.global_step % self.every == 0:
+        if self._last_gates is not None:
             values.update(routing_stats(self._last_gates, tasks=self._tasks or None).as_dict(f"{self.prefix}routing/"))
-        if self._last_cca is not None:
-            values.update(self._last_cca.as_dict(f"{self.prefix}cca/"))
-        self._last_gates, self._last_cca = None, None
+        if self.collapse and self._last_embeddings:
+            values.update(collapse_stats(self._last_embeddings).as_dict(f"{self.prefix}collapse/"))
+        self._last_gates, self._last_embeddings = None, {}
         if values:
-            pl_module.log_dict(values, on_step=True, on_epoch=False)
+            self._emit(trainer, pl_module, values, self._capture_step)
+
+    def _emit(self, trainer: Any, pl_module: Any, values: dict[str, float], step: int) -> None:
+        """Writes ``values`` to every logger at ``step`` directly (``log_every_n_steps`` would drop or delay
+        them) and into ``trainer.callback_metrics`` (progress bar, checkpoint monitors) without logging twice."""
+        pl_module.log_dict(values, on_step=True, on_epoch=False, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
 
     # ---------------------------------------------------------------- capture
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not module.training:
             return
+        if self._trainer is not None:
+            self._capture_step = self._trainer.global_step
         if isinstance(output, AdapterOutput):
             if output.gates is not None:
                 self._last_gates = output.gates.detach()
+            emb = {t: output.embeddings[f"{t}1"].detach() for t in ("inv", "eq") if f"{t}1" in output.embeddings}
+            self._last_embeddings.update(emb)
             if output.cca is not None:
-                self._last_cca = output.cca
+                self._pending_cca.append((self._capture_step, output.cca))
             return
+        if isinstance(output, HeadOutput):
+            self._last_embeddings.update({t: z.detach() for t, z in output.embeddings.items()})
+        elif isinstance(output, torch.Tensor):
+            task = kwargs.get("task", args[1] if len(args) > 1 else self._default_task)
+            if isinstance(task, str):
+                self._last_embeddings[task] = output.detach()
         if isinstance(output, HeadOutput) and output.gates is not None:
             self._last_gates = output.gates.detach()
         elif args and isinstance(args[0], torch.Tensor):
@@ -115,7 +162,7 @@ class _STARLogging:
         if isinstance(output, HeadOutput) and {"inv", "eq"} <= set(output.keys()) and self._monitor is not None:
             result = self._monitor.update(output["inv"].detach(), output["eq"].detach())
             if result is not None:
-                self._last_cca = result
+                self._pending_cca.append((self._capture_step, result))
 
 
 STARLoggingCallback = type(
@@ -124,12 +171,21 @@ STARLoggingCallback = type(
     {
         "__doc__": """Logs routing statistics and CCA(inv, eq) of the STAR adapter or head inside a LightningModule.
 
+    Every value reaches each of ``trainer.loggers`` exactly once, at the step its batch ran
+    (``trainer.global_step`` during that ``training_step``), whatever ``log_every_n_steps`` is: a CCA result
+    at the step it was computed, routing and collapse readouts once per optimiser step (on the last
+    micro-batch under gradient accumulation) every ``every`` steps. The same values go to
+    ``trainer.callback_metrics`` (``pl_module.log_dict(..., logger=False)``).
+
     Args:
-        every: Log routing statistics every ``every`` optimiser steps (they need one host sync).
+        every: Log routing statistics and collapse readouts every ``every`` optimiser steps (one host sync
+            each; the effective rank runs one SVD per task on the last batch).
         prefix: Prepended to every logged name.
         cca_every: Window of the callback's own CCA monitor, used only for a bare head (an adapter logs its
             own monitor's results, set by its ``cca_every``).
         target: The adapter or head to watch (default: found with :func:`find_star_module`).
+        collapse: Also log :func:`~star_heads.metrics.collapse_stats` of each task's last embeddings under
+            ``collapse/<task>/std`` and ``collapse/<task>/rank``.
     """,
         "__module__": __name__,
     },

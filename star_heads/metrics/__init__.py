@@ -1,6 +1,7 @@
-"""Redundancy metrics: canonical correlation analysis between two embeddings of the same samples."""
+"""Redundancy metrics (canonical correlation analysis between two embeddings of the same samples) and collapse readouts."""
 
 from star_heads.metrics.cca import canonical_correlations, mean_canonical_correlation, pwcca, svcca
+from star_heads.metrics.collapse import CollapseStats, collapse_stats, effective_rank, embedding_std
 from star_heads.metrics.meter import CCAMeter, CCAResult
 from star_heads.metrics.monitor import CCAMonitor
 from star_heads.metrics.null import null_mean_canonical_correlation
@@ -14,6 +15,10 @@ __all__ = [
     "CCAResult",
     "CCASampleSizeWarning",
     "CCAStatistics",
+    "CollapseStats",
+    "collapse_stats",
+    "effective_rank",
+    "embedding_std",
     "canonical_correlations",
     "check_views",
     "mean_canonical_correlation",

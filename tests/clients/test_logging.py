@@ -130,3 +130,102 @@ def test_readouts_go_into_tensorboard_add_scalars(tmp_path):
     for key, value in values.items():
         step, got = by_key[key]
         assert step == 3 and got == pytest.approx(value, rel=1e-6)
+
+
+class RecordingJoint(JointModule):
+    """Records every CCA result with the trainer's global_step while its batch ran (the step it was computed)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.cca_at: list[tuple[int, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        h0, h1, h2 = self.backbone(x), self.backbone(x + 0.1 * torch.randn_like(x)), self.backbone(x - 0.1)
+        out = self.adapter(h1, h2, h0=h0, params1=torch.rand(len(x), 11), params2=torch.rand(len(x), 11))
+        if out.cca is not None:
+            self.cca_at.append((self.trainer.global_step, out.cca.mean))
+        return out.loss
+
+
+def _scalars(logdir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = []
+    for path in sorted(logdir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            events += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return events
+
+
+@pytest.mark.parametrize("log_every_n_steps", [1, 5])
+def test_every_cca_result_reaches_tensorboard_once_at_its_step(tmp_path, log_every_n_steps):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    torch.manual_seed(0)
+    model = RecordingJoint(output_dim=4, cca_every=2)  # a result every 2 steps once enough rows: steps 1, 3, 5, ...
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="run"),
+                        log_every_n_steps=log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[STARLoggingCallback(every=3)])
+    trainer.fit(model, _loader(12))
+    assert len(model.cca_at) >= 4
+    read = _scalars(tmp_path, "star/cca/mean")
+    assert [s for s, _ in read] == [s for s, _ in model.cca_at]  # each once, at its step, nothing stale in between
+    for (_, got), (_, want) in zip(read, model.cca_at):
+        assert got == pytest.approx(want, rel=1e-6)
+    # routing and collapse readouts: once per `every` optimiser steps, at those steps
+    assert [s for s, _ in _scalars(tmp_path, "star/routing/inv/entropy")] == [0, 3, 6, 9]
+    ranks = _scalars(tmp_path, "star/collapse/eq/rank")
+    assert [s for s, _ in ranks] == [0, 3, 6, 9] and all(1.0 <= v <= 4.0 + 1e-4 for _, v in ranks)
+
+
+def test_the_callback_logs_once_per_optimiser_step_under_gradient_accumulation():
+    torch.manual_seed(0)
+    model = JointModule(output_dim=4, cca_every=1000)
+    logged = []
+
+    class Counting(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            logged.append(dict(trainer.callback_metrics))
+
+    callback = STARLoggingCallback(every=1)
+    emitted = []
+    original = callback._emit
+    callback._emit = lambda trainer, module, values, step: (emitted.append((step, sorted(values))), original(trainer, module, values, step))
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, accumulate_grad_batches=2,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback, Counting()])
+    trainer.fit(model, _loader(6))
+    assert trainer.global_step == 3 and len(logged) == 6  # 6 micro-batches
+    assert [s for s, _ in emitted] == [0, 1, 2]  # one emission per optimiser step, at its step
+    assert all("star/routing/inv/entropy" in keys and "star/collapse/inv/std" in keys for _, keys in emitted)
+
+
+def test_capture_and_non_logging_steps_are_sync_free():
+    """Between logging steps the callback only keeps references: no host read (meta stands in for CUDA)."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    # by path: in the client tier the name `tests` is solo-learn's tests/ package (its helpers are used there)
+    spec = importlib.util.spec_from_file_location("_sync_guard", Path(__file__).resolve().parents[1] / "sync_guard.py")
+    sync_guard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync_guard)
+    HostSyncGuard = sync_guard.HostSyncGuard
+
+    head = STARHead(10, 8, num_experts=3, device="meta")
+    trainer = SimpleNamespace(global_step=1, loggers=[])
+    callback = STARLoggingCallback(every=50, cca_every=1000)
+    callback.on_fit_start(trainer, head)
+    x = torch.empty(16, 10, device="meta")
+    with HostSyncGuard("meta"):
+        z_inv, z_eq = head(x, task="inv"), head(x, task="eq")  # the hook keeps gates and each task's embedding
+        trainer.global_step = 2  # an optimiser step happened; step 1 is not a logging step for every=50
+        callback.on_train_batch_end(trainer, head, None, None, 0)
+    assert z_inv.shape == z_eq.shape == (16, 8)
+    assert callback._last_gates is not None and callback._last_gates.device.type == "meta"
+    assert set(callback._last_embeddings) == {"inv", "eq"}  # the task of each single-task call
+    callback.on_fit_end(trainer, head)

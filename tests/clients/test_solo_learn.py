@@ -1,5 +1,5 @@
 """solo-learn for real (client tier): replace_projector on every method with a projector, momentum methods
-included, and the equivariant mixin. Needs the solo-learn source on PYTHONPATH (v1.0.6) and its tests/ helpers."""
+included, and the equivariant mixin. Needs the solo-learn source on PYTHONPATH (commit 9187ea3, setup.py version 1.0.6) and its tests/ helpers."""
 
 import copy
 
@@ -222,3 +222,69 @@ def test_equivariant_mixin_trains_both_tasks_in_a_solo_method(name):
     assert trainer.global_step == 1
     assert grads[0]["eq_router"] > 0 and all(g > 0 for g in grads[0]["predictor"])
     assert "train_star_eq_loss" in trainer.callback_metrics and trainer.callback_metrics["train_star_eq_loss"] > 0
+
+
+def _star(name):
+    return type(f"STAR{name}", (STAREquivariantMixin, solo_methods.METHODS[name]), {})
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"lam": float("inf")}, ValueError, "lam must be a finite float >= 0"),
+        ({"lam": float("nan")}, ValueError, "lam must be a finite float >= 0"),
+        ({"lam": -1.0}, ValueError, "lam must be a finite float >= 0"),
+        ({"std": (0.2, 0.0, 0.2)}, ValueError, r"std must be > 0 per channel"),
+        ({"std": (0.2, float("nan"), 0.2)}, ValueError, "std must hold finite floats"),
+        ({"mean": (0.5, 0.5)}, ValueError, r"mean must hold 3 values .* got 2"),
+        ({"mean": 0.5}, TypeError, "mean must be a sequence of 3 floats"),
+        ({"num_experts": 0}, ValueError, "num_experts"),
+        ({"image_size": None}, ValueError, "pass image_size="),
+    ],
+)
+def test_mixin_refuses_bad_options_before_building_anything(kwargs, err, match):
+    built = []
+    base = solo_methods.METHODS["simclr"]
+    cls = type("Probe", (STAREquivariantMixin, base), {})
+    original = base.__init__
+    base.__init__ = lambda self, cfg: (built.append(1), original(self, cfg))[1]
+    try:
+        with pytest.raises(err, match=match):
+            cls(_cfg("simclr", "wide_resnet28w2"), **{"image_size": 32, **kwargs})
+    finally:
+        base.__init__ = original
+    assert built == []  # refused before solo built the method
+
+
+def test_mixin_refuses_a_crop_count_its_augmentations_do_not_draw():
+    cfg = _cfg("simclr", "wide_resnet28w2")
+    cfg.data.num_small_crops = 2  # solo's multi-crop count without small crops in the recipe
+    with pytest.raises(ValueError, match=r"cfg.data asks for 2 large \+ 2 small crops, the augmentations draw 2 \+ 0"):
+        _star("simclr")(cfg, image_size=32)
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_the_expert_bank_runs_once_per_view_and_matches_two_single_task_calls(name):
+    torch.manual_seed(0)
+    model = _star(name)(_cfg(name, "wide_resnet28w2"), image_size=32, num_experts=2)
+    head = model.projector
+    calls = []
+    handle = head.experts.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    seen = []
+    hook = head.register_forward_hook(lambda m, a, k, o: seen.append((a[0].detach(), k.get("task"), o)), with_kwargs=True)
+    try:
+        images = torch.rand(BATCH, 3, 32, 32)
+        loss = model.training_step([torch.arange(BATCH), images, torch.zeros(BATCH, dtype=torch.long)], 0)
+    finally:
+        handle.remove()
+        hook.remove()
+    loss = loss["loss"] if isinstance(loss, dict) else loss
+    assert torch.isfinite(loss)
+    assert len(calls) == 3  # two views (both tasks in one call each) and the original (eq only): was 5
+    # the method's two calls ran both tasks at once (task=None); each task equals a single-task call on the same
+    # features (BatchNorm in training mode normalises with the batch's own statistics, so repeated calls agree)
+    assert [task for _, task, _ in seen] == [None, None, "eq"]
+    with torch.no_grad():
+        for feats, _, out in seen[:2]:
+            torch.testing.assert_close(out["inv"], head(feats))
+            torch.testing.assert_close(out["eq"], head(feats, task="eq"))
