@@ -344,8 +344,12 @@ def train(cfg: dict[str, Any], run: RunDir, fabric: Any, *, data: Any = None, re
         sched.step()
         with warnings.catch_warnings():  # the sample-size warning of CCAMeter is reported once per run below
             warnings.simplefilter("ignore")
-            row.update(evaluate(model.backbone, model.adapter, data, aug, device, cache=cache,
-                                autocast=fabric.autocast))
+            try:
+                row.update(evaluate(model.backbone, model.adapter, data, aug, device, cache=cache,
+                                    autocast=fabric.autocast))
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{exc} after epoch {epoch + 1}; {run.checkpoint_path} still holds epoch "
+                                     f"{epoch} (try a lower --lr)") from None
         if world > 1:
             row["ddp_param_spread"] = _param_spread(model)
         row["epoch_time_s"] = time.perf_counter() - t0

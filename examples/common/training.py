@@ -257,7 +257,8 @@ def evaluate(backbone: nn.Module, adapter: nn.Module, data: PretrainData, aug: n
     equivariant embeddings of the held-out images, and the same for shuffled pairs), ``cca_rank``,
     ``gate_mean`` ([T][N] mean gate per task and expert), ``gate_entropy``, ``effective_experts``
     (per task), ``task_overlap`` (per expert: min over tasks / max over tasks of its mean gate) and ``knn_acc`` (weighted 20-NN on backbone features, bank → held-out labels).
-    Entries that do not apply (no equivariant embedding, no router) are None. Pass the same
+    Entries that do not apply (no equivariant embedding, no router) are None; non-finite held-out features
+    raise :class:`NonFiniteError`. Pass the same
     ``cache`` dict every epoch: its ``CCAMeter`` (and the meter's cached null baseline) is reused.
     """
     from star_heads.metrics import CCAMeter
@@ -266,6 +267,8 @@ def evaluate(backbone: nn.Module, adapter: nn.Module, data: PretrainData, aug: n
                            "gate_entropy": None, "effective_experts": None, "task_overlap": None, "knn_acc": None}
     kw = dict(amp_enabled=amp_enabled, batch_size=batch_size, autocast=autocast)
     h = extract_features(backbone, data.heldout.images, aug, device, **kw)
+    if not bool(torch.isfinite(h).all()):  # once per epoch: the held-out features decide every metric below
+        raise NonFiniteError("NaN/Inf in the backbone features of the held-out images (the weights diverged)")
     with _eval_mode(adapter):
         emb = adapter.embed(h)
         if "eq" in emb:
