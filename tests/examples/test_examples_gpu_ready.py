@@ -188,3 +188,38 @@ def test_precision_16_mixed_runs_on_a_cpu_and_fp16_with_a_gradient_scaler(tmp_pa
     assert torch.isfinite(out.loss) and scaler.get_scale() in (2.0**8, 2.0**7)  # the scaler stepped (or backed off)
     changed = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())]
     assert any(changed) == (scaler.get_scale() == 2.0**8)  # an unscaled, finite step updated the weights
+
+
+def _data_worker(rank: int, world_size: int, root: str) -> dict:
+    import os
+    import time
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+    sys.path.insert(0, os.path.join(root, "examples"))
+    import pretrain
+    from common.fabric import make_fabric
+
+    fabric = make_fabric(torch.device("cpu"))
+    span = {}
+
+    def prepare(*args, **kwargs):  # stands in for a download: slow, and recorded
+        span["start"] = time.monotonic()
+        time.sleep(0.5)
+        span["end"] = time.monotonic()
+        return "data"
+
+    pretrain.pretrain_data = prepare
+    cfg = {k: None for k in ("dataset", "image_size", "num_train", "num_heldout", "seed", "data_dir", "download")}
+    assert pretrain._load_data(cfg, fabric) == "data"
+    return {"rank": fabric.global_rank, "world": fabric.world_size, **span}
+
+
+@pytest.mark.distributed
+def test_one_process_per_node_prepares_the_data_while_the_others_wait():
+    _fabric_or_skip()
+    from dist_utils import run_distributed
+
+    r0, r1 = run_distributed(_data_worker, world_size=2, args=(str(ROOT),))
+    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+    assert r1["start"] >= r0["end"]  # rank 1 read the data only after rank 0 had prepared it
