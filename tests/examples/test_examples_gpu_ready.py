@@ -1,5 +1,6 @@
 """pretrain.py on a GPU without one: a sync-free step (meta device), one compiled graph, precision, rank-zero data."""
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -91,10 +92,8 @@ def test_the_default_step_makes_no_host_sync(method, head, part):
 def test_the_finite_checks_are_the_only_syncs_and_are_opt_in():
     model, opt, aug, x = _meta_step({**CFG, "check_finite": True}, "stand-in adapter")
     with HostSyncGuard("meta", strict=False) as guard:
-        try:
+        with contextlib.suppress(RuntimeError, NotImplementedError):  # meta cannot answer the read itself
             train_step(model, aug, opt, x, check_finite=True)
-        except Exception:  # meta tensors cannot answer the value check: the read itself is what we look for
-            pass
     assert guard.events and all("_local_scalar_dense" in e or "item" in e or "is_nonzero" in e for e in guard.events)
 
 
@@ -128,6 +127,8 @@ def _compile_counts(cfg: dict, steps: int) -> tuple[int, int, int]:
     for _ in range(steps):
         train_step(model, aug, opt, x, generator=gen)
         graphs.append(counters["stats"]["unique_graphs"])
+        if sum(counters["recompiles"].values()):
+            break  # the answer is known: stop before dynamo's recompile limit makes each step slow
     out = graphs[0], graphs[-1], sum(counters["recompiles"].values())
     dynamo.reset()
     return out
