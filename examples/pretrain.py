@@ -268,7 +268,7 @@ def build_model(cfg: dict[str, Any], device: torch.device, world: int = 1) -> tu
     if world > 1 and device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only (CPU/gloo: per-process BN)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
-        model.backbone.to(memory_format=torch.channels_last)
+        model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if cfg["compile"]:  # in place: DDP and Fabric wrap the compiled module, the state_dict keys stay
         model.compile(backend=cfg.get("compile_backend", "inductor"))
     return model, feat_dim

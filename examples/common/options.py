@@ -28,7 +28,7 @@ LR_RULES = ("fixed", "paper")
 WD_POLICIES = ("no-bias-norm", "all")
 ROUTER_INITS = ("default", "task-distinct", "noisy")
 # Options a resumed run may change (everything else comes from the run's config.json).
-RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads", "check_finite", "log_every", "channels_last",
+RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads", "check_finite", "log_every", "compile", "channels_last",
                 "tf32", "cudnn_benchmark", "compile_backend")
 # Seeds feed numpy (< 2**32) and the per-rank augmentation generator (seed * 1000 + rank).
 MAX_SEED = 2**32 // 1000 - 1

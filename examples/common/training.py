@@ -265,7 +265,7 @@ def evaluate(backbone: nn.Module, adapter: nn.Module, data: PretrainData, aug: n
 
     row: dict[str, Any] = {"cca_mean": None, "cca_null": None, "cca_rank": None, "gate_mean": None,
                            "gate_entropy": None, "effective_experts": None, "task_overlap": None, "knn_acc": None}
-    kw = dict(amp_enabled=amp_enabled, batch_size=batch_size, autocast=autocast)
+    kw: dict[str, Any] = dict(amp_enabled=amp_enabled, batch_size=batch_size, autocast=autocast)
     h = extract_features(backbone, data.heldout.images, aug, device, **kw)
     if not bool(torch.isfinite(h).all()):  # once per epoch: the held-out features decide every metric below
         raise NonFiniteError("NaN/Inf in the backbone features of the held-out images (the weights diverged)")
