@@ -294,7 +294,11 @@ def train(cfg: dict[str, Any], run: RunDir, fabric: Any, *, data: Any = None, re
             run.remove_stale_temporaries()
         ckpt = _load_resume_state(run, cfg, model, opt, sched, world)
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        restore_rng(ckpt["rng"][rank], gen)
+        try:
+            restore_rng(ckpt["rng"][rank], gen)
+        except RuntimeError as exc:  # e.g. a CPU generator's state given to a CUDA generator
+            raise RunError(f"{run.checkpoint_path} holds random states this device cannot continue "
+                           f"({str(exc).splitlines()[0]}); resume on the device type the run was trained on") from None
         del ckpt
         if rank == 0:
             run.truncate_metrics(start_epoch)
@@ -327,7 +331,7 @@ def train(cfg: dict[str, Any], run: RunDir, fabric: Any, *, data: Any = None, re
             for k, v in {"loss": out.loss, **{f"loss_{n}": t for n, t in out.losses.items()}}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()  # on the device: no sync
             if cfg["log_every"] and step % cfg["log_every"] == 0 and rank == 0:
-                bar.set_postfix(step=step, loss=float(out.loss))  # a logging step: one host read
+                bar.set_postfix(step=step, loss=float(out.loss.detach()))  # a logging step: one host read
             bar.update(1)
         bar.close()
         # One host read per epoch: the mean losses (over ranks) and whether every parameter is finite.

@@ -317,7 +317,7 @@ class _NoBar:
         pass
 
     def set_postfix(self, **kwargs: Any) -> None:
-        print(" ".join(f"{k} {v:.4f}" for k, v in kwargs.items()), flush=True)
+        print(" ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in kwargs.items()), flush=True)
 
     def close(self) -> None:
         pass
