@@ -149,7 +149,9 @@ def test_a_diverging_run_is_one_line_without_the_per_step_checks(tmp_path, capsy
 def test_embed_dim_and_router_init_reach_the_head(tmp_path, capsys):
     from star_heads import build_head
 
-    run = pretrain.main(["--out", str(tmp_path / "d"), "--epochs", "1", "--embed-dim", "16", *TINY])
+    capsys.readouterr()
+    run = pretrain.main(["--out", str(tmp_path / "d"), "--epochs", "1", "--embed-dim", "16", "--log-every", "1", *TINY])
+    assert "step 1 loss " in capsys.readouterr().out  # --log-every: the loss of each logging step
     from common.training import build_adapter
 
     adapter = build_adapter(json.loads((run / "config.json").read_text()), 32)  # features: 8 × --width 4
