@@ -57,8 +57,7 @@ def make_fabric(device: torch.device, precision: str = "32-true", *, find_unused
     if world > 1:
         if world % local:
             raise ValueError(f"WORLD_SIZE {world} is not a multiple of LOCAL_WORLD_SIZE {local}")
-        from_strategies = fabric.strategies.DDPStrategy
-        strategy: Any = from_strategies(find_unused_parameters=find_unused_parameters)
+        strategy: Any = fabric.strategies.DDPStrategy(find_unused_parameters=find_unused_parameters)
         devices: Any = local
         nodes = world // local
     else:
