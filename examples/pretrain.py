@@ -21,17 +21,23 @@ Examples::
     python examples/pretrain.py --resume runs/star                  # continue an interrupted run
     # the paper's STL10 recipe on one GPU:
     python examples/pretrain.py --dataset stl10 --data-dir data --download --backbone resnet18 \\
-        --num-experts 16 --batch-size 256 --epochs 200 --lr 0.03 --amp --out runs/stl10-star
+        --num-experts 16 --batch-size 256 --epochs 200 --lr 0.03 --precision bf16-mixed --out runs/stl10-star
     # several GPUs (global batch split across processes, SyncBatchNorm, gathered negatives):
     torchrun --nproc_per_node 4 examples/pretrain.py --dataset stl10 --data-dir data ... --out runs/ddp
+
+Devices, precision and DDP go through Lightning Fabric (``common/fabric.py``); the loop below stays plain
+torch. With nothing logged a step makes no host-device synchronisation (``--check-finite`` and
+``--log-every`` add them on purpose); the losses are read back once per epoch.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,8 @@ from torch import nn  # noqa: E402
 
 from common.backbones import build_backbone  # noqa: E402
 from common.datasets import DatasetError, pretrain_data, to_float  # noqa: E402
+from common.budget import estimate_memory, total_memory  # noqa: E402
+from common.fabric import configure_cuda, make_fabric, torchrun_world  # noqa: E402
 from common.options import (  # noqa: E402
     HEADS,
     METHODS,
@@ -61,64 +69,81 @@ from common.runs import PLOT_FILES, RunDir, RunError, capture_rng, check_writabl
 from common.training import (  # noqa: E402
     NonFiniteError,
     SSLModel,
-    all_finite,
     build_adapter,
     build_augment,
     build_optimizer,
     evaluate,
     make_loader,
-    original_view,
     progress,
+    train_step,
 )
 
+import star_heads  # noqa: E402
 import star_heads.distributed  # noqa: E402,F401  (before init_process_group: see its "Process-group teardown")
 
-__all__ = ["HEADS", "METHODS", "CLIError", "build_parser", "cli", "main", "train"]
+__all__ = ["HEADS", "METHODS", "CLIError", "build_model", "build_parser", "cli", "main", "train"]
 
 # Keys a run's config.json must hold, and their values for runs written before the option existed.
 CONFIG_KEYS = ("method", "head", "num_experts", "lam", "temperature", "epochs", "batch_size", "lr", "momentum",
                "weight_decay", "seed", "dataset", "image_size", "num_train", "num_heldout", "backbone", "width",
                "cifar_stem", "invariant_only")
 CONFIG_DEFAULTS = {"predictor": "star", "lr_rule": "fixed", "wd_policy": "no-bias-norm", "match_params": False, "hidden_dim": None,
-                   "check_finite": True, "world_size": 1, "steps_per_epoch": None, "amp": False, "compile": False,
-                   "data_dir": None, "download": False}
+                   "check_finite": False, "world_size": 1, "steps_per_epoch": None, "precision": "32-true",
+                   "compile": False, "data_dir": None, "download": False, "embed_dim": 128, "router_init": "default",
+                   "run_id": None}
 CHECKPOINT_KEYS = ("epoch", "step", "backbone", "adapter", "optimizer", "scheduler", "rng")
+# Keys that describe an invocation, not the run (compared neither between config.json and checkpoint.pt).
+_NOT_IDENTITY = (*RUNTIME_KEYS, "torch")
 
 
-def _setup_distributed(device: torch.device) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def _normalise(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with the defaults of options added since it was written (``amp`` → ``precision``)."""
+    out = {**CONFIG_DEFAULTS, **cfg}
+    amp = out.pop("amp", None)
+    if "precision" not in cfg:
+        out["precision"] = "bf16-mixed" if amp else "32-true"
+    out.setdefault("lr_effective", out["lr"])
+    return out
 
 
-def _check_buildable(cfg: dict[str, Any]) -> None:
-    """Builds the backbone, adapter and augmentation of ``cfg`` once (and runs the backbone on two blank
-    images of the view size), so that a setting that cannot work fails before anything is written."""
-    backbone, feat_dim = build_backbone(cfg["backbone"], width=cfg["width"], cifar_stem=cfg["cifar_stem"])
+def _check_buildable(cfg: dict[str, Any], world: int, device: torch.device) -> None:
+    """Builds the backbone and adapter of ``cfg`` on the meta device, runs the backbone there on one image of
+    the view size, and refuses a setting whose memory floor exceeds the machine: a setting that cannot work
+    fails before anything is allocated or written."""
+    if cfg["batch_size"] % world:
+        raise CLIError(f"--batch-size {cfg['batch_size']} must be divisible by the {world} processes")
+    if cfg["batch_size"] // world < 2:
+        raise CLIError(f"--batch-size {cfg['batch_size']} gives {cfg['batch_size'] // world} image(s) per process; "
+                       f"each of the {world} processes needs at least 2")
     try:
-        build_adapter(cfg, feat_dim)
+        est = estimate_memory(cfg, world, num_images=None if cfg["dataset"].startswith("shapes") else 0)
     except (TypeError, ValueError) as exc:
         raise CLIError(f"--head {cfg['head']}: {exc}") from None
+    except RuntimeError as exc:
+        raise CLIError(f"--image-size {cfg['image_size']} is too small for --backbone {cfg['backbone']}: "
+                       f"{str(exc).splitlines()[0]}") from None
     try:
         build_augment(cfg, torch.device("cpu"))
     except ValueError as exc:
         raise CLIError(f"--image-size {cfg['image_size']}: {exc}") from None
-    with torch.no_grad():
-        try:
-            backbone.eval()(torch.zeros(2, 3, cfg["image_size"], cfg["image_size"]))
-        except RuntimeError as exc:
-            raise CLIError(f"--image-size {cfg['image_size']} is too small for --backbone {cfg['backbone']}: "
-                           f"{str(exc).splitlines()[0]}") from None
+    gib = 2.0**30
+    host = total_memory(torch.device("cpu"))
+    needs = [(est.device + (est["host"] if device.type == "cpu" else 0), total_memory(device), str(device))]
+    if device.type != "cpu":
+        needs.append((est["host"], host, "the host (data set)"))
+    for need, have, where in needs:
+        if have is not None and need > have:
+            raise CLIError(
+                f"--image-size {cfg['image_size']}, --batch-size {cfg['batch_size']}, --num-experts {cfg['num_experts']} "
+                f"need at least {need / gib:.1f} GiB on {where} (model {est['model'] / gib:.1f}, one step "
+                f"{est['step'] / gib:.1f}, data {est['host'] / gib:.1f}), more than its {have / gib:.1f} GiB")
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Parses ``argv``, prepares (or reopens) the run directory and trains. Returns the run directory.
 
     Every value is validated, and a resumed run's config and checkpoint are read and verified, before
-    anything is written.
+    anything is written; one process per node prepares the data while the others wait.
 
     Raises:
         CLIError, RunError, DatasetError: bad input (nothing written).
@@ -126,14 +151,17 @@ def main(argv: list[str] | None = None) -> Path:
             finished epoch).
     """
     args = vars(build_parser().parse_args(argv))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, _ = torchrun_world()
     if args["resume"] is not None:
         run = RunDir.open(args["resume"])
-        cfg = {**CONFIG_DEFAULTS, **run.read_config(required=CONFIG_KEYS)}
-        cfg.setdefault("lr_effective", cfg["lr"])
+        cfg = _normalise(run.read_config(required=CONFIG_KEYS))
         check_resume_flags(given_options(argv), args, cfg)
         cfg.update({k: args[k] for k in RUNTIME_KEYS})
         validate(cfg)
+        check_writable_dir(run.path, "--resume")
+        if cfg["world_size"] != world:
+            raise CLIError(f"{run.path} was trained with {cfg['world_size']} process(es); resume it with the same "
+                           f"number (got {world}): each process restores its own augmentation generator")
     else:
         if args["out"] is None:
             raise CLIError("--out RUN_DIR is required (or --resume RUN_DIR)")
@@ -141,48 +169,84 @@ def main(argv: list[str] | None = None) -> Path:
         if RunDir(args["out"]).holds_run() and not args["overwrite"]:
             RunDir.create(args["out"])  # raises the one-line refusal; nothing is touched
         check_writable_dir(args["out"])
+        cfg.update(world_size=world, run_id=uuid.uuid4().hex)
         run = None
-    device = resolve_device(args["device"], local_rank)
+    device = resolve_device(args["device"], int(os.environ.get("LOCAL_RANK", "0")))
+    _check_buildable(cfg, world, device)
     if cfg["threads"] is not None:
         torch.set_num_threads(cfg["threads"])
-    rank, world = _setup_distributed(device)
+    if device.type == "cuda":
+        configure_cuda(tf32=cfg["tf32"], cudnn_benchmark=cfg["cudnn_benchmark"])
     try:
-        if cfg["batch_size"] % world:
-            raise CLIError(f"--batch-size {cfg['batch_size']} must be divisible by the {world} processes")
-        if run is not None:
-            if cfg["world_size"] != world:
-                raise CLIError(f"{run.path} was trained with {cfg['world_size']} process(es); resume it with the same "
-                               f"number (got {world}): each process restores its own augmentation generator")
-            return train(cfg, run, device, resume=True)
-        # Everything that can fail on user input is checked before the directory is touched.
-        data = pretrain_data(cfg["dataset"], image_size=cfg["image_size"], num_train=cfg["num_train"],
-                             num_heldout=cfg["num_heldout"], seed=cfg["seed"], data_dir=cfg["data_dir"],
-                             download=cfg["download"])
-        _check_buildable(cfg)
-        if rank == 0:
-            run = RunDir.create(args["out"], overwrite=args["overwrite"])
-            try:
-                run.write_config({**cfg, "world_size": world, "torch": torch.__version__})
-            except OSError as exc:
-                run.discard()
-                raise RunError(f"cannot write {run.config_path}: {exc.strerror or exc}") from None
-        else:
-            run = RunDir(args["out"])
-        if world > 1:
-            dist.barrier()
-        return train({**cfg, "world_size": world}, run, device, data=data, resume=False)
+        fabric = make_fabric(device, cfg["precision"], find_unused_parameters=cfg["invariant_only"])
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        with star_heads.value_checks(cfg["check_finite"]):  # the library's finite / range checks: one switch
+            if run is not None:
+                return train(cfg, run, fabric, resume=True)
+            data = _load_data(cfg, fabric)
+            per_rank = len(data.train) // world // (cfg["batch_size"] // world)
+            if per_rank == 0:
+                raise CLIError(f"--batch-size {cfg['batch_size']} is larger than the {len(data.train)} training images "
+                               "(--num-train): no full batch")
+            if fabric.global_rank == 0:
+                run = RunDir.create(args["out"], overwrite=args["overwrite"])
+                try:
+                    run.write_config({**cfg, "torch": torch.__version__})
+                except OSError as exc:
+                    run.discard()
+                    raise RunError(f"cannot write {run.config_path}: {exc.strerror or exc}") from None
+            else:
+                run = RunDir(args["out"])
+            fabric.barrier()
+            return train(cfg, run, fabric, data=data, resume=False)
     finally:
-        if world > 1 and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _load_resume_state(run: RunDir, model: SSLModel, opt: torch.optim.Optimizer, sched: Any, rank: int,
+def _load_data(cfg: dict[str, Any], fabric: Any) -> Any:
+    """The run's data; the first process of each node downloads / prepares it while the others wait."""
+    with fabric.rank_zero_first(local=True):
+        return pretrain_data(cfg["dataset"], image_size=cfg["image_size"], num_train=cfg["num_train"],
+                             num_heldout=cfg["num_heldout"], seed=cfg["seed"], data_dir=cfg["data_dir"],
+                             download=cfg["download"])
+
+
+def _check_belongs(run: RunDir, cfg: dict[str, Any], ckpt: dict[str, Any]) -> None:
+    """Refuses a checkpoint that another run wrote, or that config.json no longer describes."""
+    stored = ckpt.get("config")
+    if not isinstance(stored, dict):
+        raise RunError(f"{run.checkpoint_path} holds no run config, so it cannot be shown to belong to {run.path}")
+    stored = _normalise(stored)
+    if cfg.get("run_id") != stored.get("run_id"):
+        raise RunError(f"{run.checkpoint_path} belongs to another run (run id {stored.get('run_id')}; config.json: "
+                       f"{cfg.get('run_id')}); refusing to continue from it")
+    diff = sorted(k for k in (set(cfg) | set(stored)) - set(_NOT_IDENTITY) if cfg.get(k) != stored.get(k))
+    if diff:
+        k = diff[0]
+        hint = ("; the learning-rate schedule is sized for the epochs a run starts with, so restore config.json "
+                "or train longer in a new run" if k == "epochs" else "; restore config.json or start a new run")
+        raise RunError(f"config.json and {run.checkpoint_path.name} of {run.path} disagree on {', '.join(diff)} "
+                       f"({k}: {cfg.get(k)!r} in config.json, {stored.get(k)!r} in the checkpoint){hint}")
+
+
+def _load_resume_state(run: RunDir, cfg: dict[str, Any], model: SSLModel, opt: torch.optim.Optimizer, sched: Any,
                        world: int) -> dict[str, Any]:
-    """Loads the verified checkpoint into the model, optimiser and scheduler (RunError when it does not fit)."""
+    """Loads the verified checkpoint of this run into the model, optimiser and scheduler (RunError when it does
+    not belong to the run, does not fit, or the metric history it continues is missing)."""
     ckpt = run.load_checkpoint(map_location="cpu", required=CHECKPOINT_KEYS)  # RNG states must stay CPU tensors
+    _check_belongs(run, cfg, ckpt)
     if not isinstance(ckpt["rng"], list) or len(ckpt["rng"]) != world:
         got = len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else type(ckpt["rng"]).__name__
         raise RunError(f"{run.checkpoint_path} holds the RNG states of {got} process(es), this run has {world}")
+    epochs = {r.get("epoch") for r in run.read_metrics()}
+    missing = [e for e in range(1, int(ckpt["epoch"]) + 1) if e not in epochs]
+    if missing:
+        what = "does not exist" if not run.metrics_path.exists() else f"lacks epoch(s) {missing[:5]}"
+        raise RunError(f"{run.metrics_path} {what} but the checkpoint is at epoch {ckpt['epoch']}: resuming would "
+                       "leave a partial history; restore the file or start again with --overwrite")
     try:
         model.backbone.load_state_dict(ckpt["backbone"])
         model.adapter.load_state_dict(ckpt["adapter"])
@@ -193,49 +257,58 @@ def _load_resume_state(run: RunDir, model: SSLModel, opt: torch.optim.Optimizer,
     return ckpt
 
 
-def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any = None, resume: bool = False) -> Path:
+def build_model(cfg: dict[str, Any], device: torch.device, world: int = 1) -> tuple[SSLModel, int]:
+    """The run's :class:`SSLModel` on the CPU (seed first: the build order fixes the initial weights) and the
+    backbone's feature width; SyncBatchNorm for several GPUs, channels_last on CUDA, compiled with ``--compile``."""
+    backbone, feat_dim = build_backbone(cfg["backbone"], width=cfg["width"], cifar_stem=cfg["cifar_stem"])
+    adapter = build_adapter(cfg, feat_dim, distributed=world > 1)
+    channels_last = device.type == "cuda" and cfg.get("channels_last", True)
+    model = SSLModel(backbone, adapter, joint=not cfg["invariant_only"], check_finite=cfg["check_finite"],
+                     channels_last=channels_last)
+    if world > 1 and device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only (CPU/gloo: per-process BN)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if channels_last:
+        model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if cfg["compile"]:  # in place: DDP and Fabric wrap the compiled module, the state_dict keys stay
+        model.compile(backend=cfg.get("compile_backend", "inductor"))
+    return model, feat_dim
+
+
+def train(cfg: dict[str, Any], run: RunDir, fabric: Any, *, data: Any = None, resume: bool = False) -> Path:
     """Trains the run described by ``cfg`` into ``run`` (continuing its checkpoint when ``resume``)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world, device = fabric.global_rank, fabric.world_size, fabric.device
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     if data is None:
-        data = pretrain_data(cfg["dataset"], image_size=cfg["image_size"], num_train=cfg["num_train"],
-                             num_heldout=cfg["num_heldout"], seed=cfg["seed"], data_dir=cfg["data_dir"],
-                             download=cfg["download"])
-    backbone, feat_dim = build_backbone(cfg["backbone"], width=cfg["width"], cifar_stem=cfg["cifar_stem"])
-    adapter = build_adapter(cfg, feat_dim, distributed=world > 1)
-    model = SSLModel(backbone, adapter, joint=not cfg["invariant_only"], check_finite=cfg["check_finite"])
-    if world > 1 and device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only (CPU/gloo: per-process BN)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
+        data = _load_data(cfg, fabric)
+    model, feat_dim = build_model(cfg, device, world)
     opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"])
+    fmodel, fopt = fabric.setup(model, opt)  # to the device, DDP under torchrun, the autocast of --precision
     aug = build_augment(cfg, device)
-    gen = torch.Generator(device="cpu").manual_seed(cfg["seed"] * 1000 + rank)
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + rank)  # views drawn on the device
     start_epoch, step = 0, 0
     if resume:
-        ckpt = _load_resume_state(run, model, opt, sched, rank, world)
+        if rank == 0:
+            run.remove_stale_temporaries()
+        ckpt = _load_resume_state(run, cfg, model, opt, sched, world)
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        restore_rng(ckpt["rng"][rank], gen)
+        try:
+            restore_rng(ckpt["rng"][rank], gen)
+        except RuntimeError as exc:  # e.g. a CPU generator's state given to a CUDA generator
+            raise RunError(f"{run.checkpoint_path} holds random states this device cannot continue "
+                           f"({str(exc).splitlines()[0]}); resume on the device type the run was trained on") from None
         del ckpt
         if rank == 0:
             run.truncate_metrics(start_epoch)
-    fwd: nn.Module = model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        fwd = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg["invariant_only"])
-    if cfg["compile"]:
-        fwd = torch.compile(fwd)
     loader, sampler = make_loader(data.train.images, cfg, rank, world, device)
     steps = len(loader) if cfg["steps_per_epoch"] is None else min(len(loader), cfg["steps_per_epoch"])
-    if steps == 0:
-        raise CLIError(f"{len(data.train)} training images give no full batch of {cfg['batch_size']} ({world} processes)")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"])
     end_epoch = cfg["epochs"] if cfg["stop_after"] is None else min(cfg["epochs"], start_epoch + cfg["stop_after"])
     cache: dict[str, Any] = {}  # evaluate() keeps its CCAMeter (and cached null baseline) here
-    if rank == 0 and len(data.heldout) < 4 * 128 and start_epoch < end_epoch:
-        print(f"note: CCA on {len(data.heldout)} held-out images is biased upward for 128-D embeddings; "
+    dim = cfg["embed_dim"]
+    if rank == 0 and len(data.heldout) < 4 * dim and start_epoch < end_epoch:
+        print(f"note: CCA on {len(data.heldout)} held-out images is biased upward for {dim}-D embeddings; "
               "compare it with the printed null baseline", flush=True)
     row: dict[str, Any] = {}
     for epoch in range(start_epoch, end_epoch):
@@ -248,33 +321,39 @@ def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any =
             if i == steps:
                 break
             x = to_float(batch.to(device, non_blocking=True))
-            x1, p1 = aug(x, generator=gen)
-            x2, p2 = aug(x, generator=gen)
-            x0 = original_view(aug, x)
-            where = f"epoch {epoch + 1}, step {step + 1}"
-            with amp:
-                out = fwd(x0, x1, x2, p1, p2, where=where)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if cfg["check_finite"] and not all_finite(out.loss):
-                raise NonFiniteError(f"non-finite loss at {where}; stopped before the optimiser step, so "
-                                     f"{run.checkpoint_path} still holds epoch {epoch} (try a lower --lr)")
-            opt.step()
+            try:
+                out = train_step(fmodel, aug, fopt, x, generator=gen, backward=fabric.backward,
+                                 check_finite=cfg["check_finite"])
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{exc} at epoch {epoch + 1}, step {step + 1}; {run.checkpoint_path} still "
+                                     f"holds epoch {epoch} (try a lower --lr)") from None
             step += 1
             for k, v in {"loss": out.loss, **{f"loss_{n}": t for n, t in out.losses.items()}}.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
+                sums[k] = sums.get(k, 0) + v.detach().float()  # on the device: no sync
+            if cfg["log_every"] and step % cfg["log_every"] == 0 and rank == 0:
+                bar.set_postfix(step=step, loss=float(out.loss.detach()))  # a logging step: one host read
             bar.update(1)
         bar.close()
-        losses = {k: float(v) / steps for k, v in sums.items()}
+        # One host read per epoch: the mean losses (over ranks) and whether every parameter is finite.
+        params_ok = torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all()
+        vec = torch.stack([*(v / steps for v in sums.values()), params_ok.float()])
         if world > 1:
-            vec = torch.tensor(list(losses.values()), device=device)
-            dist.all_reduce(vec)
-            losses = dict(zip(losses, (vec / world).tolist()))
+            vec = fabric.all_reduce(vec, reduce_op="mean")
+        *means, ok = vec.tolist()
+        losses = dict(zip(sums, means))
+        if ok != 1.0 or not all(math.isfinite(v) for v in means):
+            raise NonFiniteError(f"non-finite loss or weights in epoch {epoch + 1}; {run.checkpoint_path} still holds "
+                                 f"epoch {epoch} (try a lower --lr; --check-finite finds the step)")
         row = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"], **losses}
         sched.step()
         with warnings.catch_warnings():  # the sample-size warning of CCAMeter is reported once per run below
             warnings.simplefilter("ignore")
-            row.update(evaluate(model.backbone, model.adapter, data, aug, device, amp_enabled=cfg["amp"], cache=cache))
+            try:
+                row.update(evaluate(model.backbone, model.adapter, data, aug, device, cache=cache,
+                                    autocast=fabric.autocast))
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{exc} after epoch {epoch + 1}; {run.checkpoint_path} still holds epoch "
+                                     f"{epoch} (try a lower --lr)") from None
         if world > 1:
             row["ddp_param_spread"] = _param_spread(model)
         row["epoch_time_s"] = time.perf_counter() - t0
@@ -285,7 +364,7 @@ def train(cfg: dict[str, Any], run: RunDir, device: torch.device, *, data: Any =
         if rank == 0:
             run.append_metrics(row)
             run.save_checkpoint({
-                "epoch": epoch + 1, "step": step, "config": cfg, "feature_dim": feat_dim,
+                "epoch": epoch + 1, "step": step, "run_id": cfg["run_id"], "config": cfg, "feature_dim": feat_dim,
                 "backbone": model.backbone.state_dict(), "adapter": model.adapter.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
             })

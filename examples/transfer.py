@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from common.backbones import build_backbone  # noqa: E402
 from common.datasets import DatasetError, transfer_tasks  # noqa: E402
-from common.options import OneLineParser  # noqa: E402
+from common.options import CLIError, OneLineParser, resolve_device  # noqa: E402
 from common.probe import linear_probe  # noqa: E402
 from common.runs import RunDir, RunError, atomic_write_text  # noqa: E402
 
@@ -91,8 +91,7 @@ def run_transfer(
     cfg = run.read_config(required=("dataset", "image_size", "seed", "backbone", "width", "cifar_stem"))
     if write and not os.access(run.path, os.W_OK | os.X_OK):
         raise RunError(f"{run.path} is not writable, so {RESULTS} could not be saved (pass write=False to only print)")
-    device = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available() else
-                          ("cpu" if str(device) == "auto" else device))
+    device = resolve_device(str(device), 0)
     task_data = transfer_tasks(cfg["dataset"], tasks=tasks, image_size=cfg["image_size"], num_train=num_train,
                                num_test=num_test, seed=cfg["seed"], data_dir=data_dir or cfg.get("data_dir"),
                                download=download)
@@ -137,6 +136,25 @@ def save_results(run_dir: str | Path, results: dict[str, Any]) -> None:
         raise RunError(f"cannot write {path}: {exc.strerror or exc} (the table above holds the results)") from None
 
 
+_RESULT_KEYS = ("run", "config", "final", "tasks")
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    """A results.json written by this script (RunError, one line, for anything else; JSONDecodeError passes)."""
+    res = json.loads(path.read_text())
+    if not isinstance(res, dict):
+        raise RunError(f"{path} must hold a JSON object, got {type(res).__name__}; delete it or pass --recompute")
+    missing = [k for k in _RESULT_KEYS if k not in res]
+    bad = [k for k in ("config", "final", "tasks") if k in res and not isinstance(res[k], dict)]
+    if not missing and not bad:
+        missing = [f"config.{k}" for k in ("method", "head") if k not in res["config"]]
+        missing += [f"tasks.{t}" for t, v in res["tasks"].items() if not (isinstance(v, dict) and {"accuracy", "kind"} <= set(v))]
+    if missing or bad:
+        what = f"lacks the keys {missing}" if missing else f"has non-object {bad}"
+        raise RunError(f"{path} {what}; it was not written by transfer.py (delete it or pass --recompute)")
+    return res
+
+
 def _validate(*, grid_points: int, num_train: int, num_test: int, max_iter: int) -> None:
     """One-line RunError for out-of-range probe options (before any run is opened)."""
     for flag, value, low in (("--grid-points", grid_points, 1), ("--num-train", num_train, 10),
@@ -178,6 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if len(args.runs) > 1 and not args.compare:
         raise RunError(f"got {len(args.runs)} run directories; pass --compare to print several runs side by side")
     _validate(grid_points=args.grid_points, num_train=args.num_train, num_test=args.num_test, max_iter=args.max_iter)
+    resolve_device(args.device, 0)
     for r in args.runs:  # check every run before probing any
         run = RunDir.open(r)
         run.read_config()
@@ -191,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         path = Path(r) / RESULTS
         if args.compare and path.exists() and not args.recompute:
             try:
-                results.append(json.loads(path.read_text()))
+                results.append(_read_results(path))
                 continue
             except json.JSONDecodeError:
                 print(f"note: {path} is damaged; probing {r} again", file=sys.stderr)
@@ -207,7 +226,7 @@ def cli(argv: list[str] | None = None) -> int:
     """Entry point: bad input → one line on stderr and exit code 2."""
     try:
         main(argv)
-    except (RunError, DatasetError) as exc:
+    except (CLIError, RunError, DatasetError) as exc:
         print(f"transfer.py: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

@@ -14,4 +14,4 @@ if importlib.util.find_spec("star_heads") is None:  # pragma: no cover - depends
     if (_root / "star_heads" / "__init__.py").exists():
         sys.path.insert(0, str(_root))
 
-__all__ = ["backbones", "datasets", "knn", "options", "plots", "probe", "runs", "training"]
+__all__ = ["backbones", "budget", "datasets", "fabric", "knn", "options", "plots", "probe", "runs", "training"]

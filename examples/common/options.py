@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Any
 
 import torch
 
 from common.backbones import BACKBONES
 from common.datasets import DATASETS
+from common.fabric import PRECISIONS  # Lightning's names (Fabric implements them; 16-mixed adds a gradient scaler)
 
 __all__ = [
-    "HEADS", "LR_RULES", "METHODS", "RUNTIME_KEYS", "WD_POLICIES", "CLIError", "OneLineParser", "build_parser",
+    "HEADS", "LR_RULES", "METHODS", "PRECISIONS", "ROUTER_INITS", "RUNTIME_KEYS", "WD_POLICIES", "CLIError",
+    "OneLineParser", "build_parser",
     "check_resume_flags", "given_options", "new_run_config", "resolve_device", "validate",
 ]
 
@@ -23,8 +26,12 @@ METHODS = ("simclr", "vicreg", "equimod")
 HEADS = ("star", "separate", "shared", "single", "equimod")
 LR_RULES = ("fixed", "paper")
 WD_POLICIES = ("no-bias-norm", "all")
+ROUTER_INITS = ("default", "task-distinct", "noisy")
 # Options a resumed run may change (everything else comes from the run's config.json).
-RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads", "check_finite")
+RUNTIME_KEYS = ("device", "workers", "progress", "stop_after", "threads", "check_finite", "log_every", "compile", "channels_last",
+                "tf32", "cudnn_benchmark", "compile_backend")
+# Seeds feed numpy (< 2**32) and the per-rank augmentation generator (seed * 1000 + rank).
+MAX_SEED = 2**32 // 1000 - 1
 # Options that are about this invocation, not the run.
 _CONTROL_KEYS = ("resume", "out", "overwrite")
 
@@ -58,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "without affine; H = --hidden-dim, default 2048)")
     g.add_argument("--num-experts", type=int, default=8,
                    help="experts N of the STAR head (with --match-params: of the STAR head to match)")
+    g.add_argument("--embed-dim", type=int, default=128,
+                   help="width D of each task's embedding (the head's output; the paper uses 128)")
+    g.add_argument("--router-init", default="default", choices=ROUTER_INITS,
+                   help="start of the routers of a routed head (star, shared): default = the library's near-uniform "
+                   "start; task-distinct / noisy = the library's task-distinct starts (passed as router_init=)")
     g.add_argument("--hidden-dim", type=int, default=None,
                    help="hidden width of the head's MLPs (default: the backbone's feature width; equimod: 2048)")
     g.add_argument("--match-params", action="store_true",
@@ -106,15 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after K epochs in this invocation (e.g. a time-limited job); continue with --resume")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (for GPUs; allowed but slow on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--precision", default="32-true", choices=PRECISIONS,
+                   help="Lightning Fabric's precision: 32-true; bf16-mixed (bf16 autocast, for GPUs); 16-mixed (fp16 "
+                   "autocast with a gradient scaler; on a CPU Fabric runs it as bf16-mixed)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone + head step (one graph)")
+    g.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: "eager"
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: channels_last memory format for the backbone and its inputs (no effect on a CPU)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: TF32 matmuls and convolutions (float32 tensors on tensor cores)")
+    g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: let cuDNN pick the fastest convolution per shape (not bit-reproducible)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy or small CPU)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
-    g.add_argument("--no-check-finite", dest="check_finite", action="store_false",
-                   help="skip the per-step NaN/Inf checks of the batch, the backbone features and the loss "
-                   "(each check is one host-device sync)")
+    g.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=False,
+                   help="per-step NaN/Inf checks of the views, the backbone features, the loss and inside the "
+                   "library (star_heads.set_value_checks); each is a host-device sync, so off by default (a "
+                   "non-finite epoch loss still stops the run at the end of the epoch)")
+    g.add_argument("--log-every", type=int, default=0, metavar="K",
+                   help="show the loss on the progress bar every K steps (a host sync on those steps; 0 = never)")
     return p
 
 
@@ -175,14 +199,28 @@ def _flag(key: str) -> str:
 def validate(cfg: dict[str, Any]) -> None:
     """Raises :class:`CLIError` (one line naming the option) for any out-of-range value.
 
-    Integers: ``--epochs``, ``--batch-size``, ``--num-experts``, ``--num-train``, ``--num-heldout``
-    (>= 130), ``--width``, ``--steps-per-epoch``, ``--stop-after``, ``--threads`` >= 1, ``--image-size`` >= 8,
-    ``--workers`` >= 0. Floats, all finite: ``--lr`` and ``--temperature`` > 0, ``--lam`` and
+    Integers: ``--epochs``, ``--num-experts``, ``--num-train``, ``--width``, ``--embed-dim``,
+    ``--steps-per-epoch``, ``--stop-after`` >= 1; ``--batch-size`` >= 2; ``--num-heldout`` >= max(130, D + 2);
+    ``--threads`` in [1, CPUs]; ``--seed`` in [0, MAX_SEED]; ``--image-size`` >= 8; ``--workers``,
+    ``--log-every`` >= 0. Floats, all finite: ``--lr`` and ``--temperature`` > 0, ``--lam`` and
     ``--weight-decay`` >= 0, ``--momentum`` in [0, 1).
     """
-    for key in ("epochs", "batch_size", "num_experts", "num_train", "num_heldout", "width"):
-        if cfg[key] < 1:
+    for key in ("epochs", "batch_size", "num_experts", "num_train", "num_heldout", "width", "embed_dim"):
+        if cfg.get(key, 1) < 1:
             raise CLIError(f"{_flag(key)} must be >= 1, got {cfg[key]}")
+    if cfg["batch_size"] < 2:
+        raise CLIError(f"--batch-size must be >= 2 (the contrastive losses need a negative, BatchNorm two samples), "
+                       f"got {cfg['batch_size']}")
+    if not 0 <= cfg["seed"] <= MAX_SEED:
+        raise CLIError(f"--seed must be in [0, {MAX_SEED}], got {cfg['seed']}")
+    cpus = os.cpu_count() or 1
+    if cfg.get("threads") is not None and cfg["threads"] > cpus:
+        raise CLIError(f"--threads must be <= {cpus} (the CPUs of this machine), got {cfg['threads']}")
+    if cfg.get("log_every", 0) < 0:
+        raise CLIError(f"--log-every must be >= 0, got {cfg['log_every']}")
+    if cfg.get("router_init", "default") != "default" and cfg["head"] not in ("star", "shared"):
+        raise CLIError(f"--router-init {cfg['router_init']} applies to routed heads (star, shared), "
+                       f"not --head {cfg['head']}")
     if cfg.get("match_params") and cfg["head"] in ("star", "equimod"):
         raise CLIError(f"--match-params sizes a baseline head to STAR; it does not apply to --head {cfg['head']}")
     for key in ("steps_per_epoch", "stop_after", "threads", "hidden_dim"):
@@ -190,8 +228,10 @@ def validate(cfg: dict[str, Any]) -> None:
             raise CLIError(f"{_flag(key)} must be >= 1, got {cfg[key]}")
     if cfg.get("image_size") is not None and cfg["image_size"] < 8:
         raise CLIError(f"--image-size must be >= 8 pixels, got {cfg['image_size']}")
-    if cfg["num_heldout"] < 130:
-        raise CLIError(f"--num-heldout must be >= 130 (CCA of two 128-D embeddings needs n - 1 > 128), got {cfg['num_heldout']}")
+    dim = cfg.get("embed_dim", 128)
+    if cfg["num_heldout"] < max(130, dim + 2):
+        raise CLIError(f"--num-heldout must be >= {max(130, dim + 2)} (CCA of two {dim}-D embeddings needs "
+                       f"n - 1 > {dim}), got {cfg['num_heldout']}")
     for key, low, inclusive in (("lr", 0.0, False), ("temperature", 0.0, False), ("lam", 0.0, True),
                                 ("weight_decay", 0.0, True), ("momentum", 0.0, True)):
         v = cfg[key]
@@ -211,9 +251,13 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise CLIError(f"--device {name!r} is not a device (expected auto, cpu, cuda or cuda:K)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {name!r}: training and probing run on cpu or cuda (cuda:K), not {dev.type}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise CLIError("--device cuda given but CUDA is not available here (use --device cpu)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev

@@ -7,7 +7,7 @@ Layout of a run directory::
     checkpoint.pt          the last finished epoch: backbone, adapter (head, predictor, normaliser),
                            optimiser, scheduler, RNG states (torch, CUDA, numpy, python, augmentation
                            generator of every rank), epoch and step
-    checkpoint.pt.sha256   its SHA-256 (``sha256sum -c`` format), checked before every load
+    checkpoint.pt.sha256   its SHA-256 (``sha256sum -c`` format, either case), checked before every load
     *.png                  plots written at the end
     results.json           written by transfer.py
 
@@ -15,7 +15,9 @@ Every file is written atomically (a temporary file in the same directory, flushe
 ``os.replace``): an interrupted write leaves the previous version or nothing, never half a file.
 ``checkpoint.pt`` stays a plain ``torch.save`` file; its digest lives beside it. The digest file
 is updated in three steps (accept old + new digest, replace the checkpoint, accept only the new
-one), so a crash at any point leaves a checkpoint that verifies.
+one), so a crash at any point leaves a checkpoint that verifies. A checksum proves a file intact, not that it
+belongs to the run: ``pretrain.py`` also stores the run id and config in every checkpoint and compares them
+with ``config.json`` on resume.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from collections.abc import Iterable
@@ -41,6 +44,7 @@ __all__ = [
 
 PLOT_FILES = ("cca.png", "gates.png", "losses.png")
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.sha256", "results.json", *PLOT_FILES)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class RunError(Exception):
@@ -122,6 +126,9 @@ class RunDir:
                     "pass --resume to continue it or --overwrite to replace it"
                 )
             for f in RUN_FILES:
+                if (run.path / f).is_dir():
+                    raise RunError(f"--out {run.path / f} is a directory; remove it by hand to overwrite the run")
+            for f in RUN_FILES:
                 (run.path / f).unlink(missing_ok=True)
         if not run.path.exists():
             top = run.path.absolute()
@@ -133,6 +140,14 @@ class RunDir:
                 raise RunError(f"--out {run.path} cannot be created: {exc.strerror or exc}") from None
             run._created = top
         return run
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Removes the temporary files an interrupted atomic write left behind; returns their names."""
+        stale = [p for f in RUN_FILES for p in (self.path / f"{f}.tmp", *self.path.glob(f".{f}.*.tmp"))
+                 if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return [p.name for p in stale]
 
     def discard(self) -> None:
         """Removes what :meth:`create` made (for a run that failed before its first epoch)."""
@@ -181,7 +196,10 @@ class RunDir:
         line before it raises :class:`RunError`."""
         if not self.metrics_path.exists():
             return []
-        lines = self.metrics_path.read_text().splitlines()
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RunError(f"cannot read {self.metrics_path}: {getattr(exc, 'strerror', None) or exc}") from None
         rows: list[dict[str, Any]] = []
         for i, line in enumerate(lines):
             if not line.strip():
@@ -211,9 +229,25 @@ class RunDir:
 
     # ------------------------------------------------------------------ checkpoint
     def _accepted_digests(self) -> list[str]:
-        if not self.digest_path.exists():
+        """The lower-case digests of ``checkpoint.pt.sha256`` (``[]`` when it does not exist); RunError when it
+        is unreadable or holds anything but SHA-256 lines."""
+        fix = f"recreate it with `sha256sum checkpoint.pt > {self.digest_path.name}` in {self.path} if you trust the file"
+        try:
+            raw = self.digest_path.read_bytes()
+        except FileNotFoundError:
             return []
-        return [line.split()[0] for line in self.digest_path.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise RunError(f"cannot read {self.digest_path}: {exc.strerror or exc} ({fix})") from None
+        try:
+            lines = [line for line in raw.decode("ascii").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise RunError(f"{self.digest_path} is not a SHA-256 checksum file (not text); {fix}") from None
+        digests = [line.split()[0].lower() for line in lines]
+        bad = next((d for d in digests if not _SHA256.fullmatch(d)), None)
+        if bad is not None or not digests:
+            what = "is empty" if bad is None else f"holds {bad[:20]!r}, not a SHA-256 digest"
+            raise RunError(f"{self.digest_path} {what}; {fix}")
+        return digests
 
     def _write_digests(self, digests: list[str]) -> None:
         atomic_write_text(self.digest_path, "".join(f"{d}  checkpoint.pt\n" for d in digests))
@@ -224,7 +258,10 @@ class RunDir:
         torch.save(state, buf)
         data = buf.getvalue()
         digest = hashlib.sha256(data).hexdigest()
-        old = self._accepted_digests()[:1] if self.checkpoint_path.exists() else []
+        try:
+            old = self._accepted_digests()[:1] if self.checkpoint_path.is_file() else []
+        except RunError:  # a damaged checksum file: the old checkpoint could not be verified anyway
+            old = []
         self._write_digests([digest, *old])  # both accepted while the checkpoint is replaced
         atomic_write_bytes(self.checkpoint_path, data)
         self._write_digests([digest])
@@ -240,11 +277,15 @@ class RunDir:
             data = self.checkpoint_path.read_bytes()
         except FileNotFoundError:
             raise RunError(f"{self.path} has no checkpoint.pt") from None
-        accepted = self._accepted_digests()
-        if not accepted:
+        except IsADirectoryError:
+            raise RunError(f"{self.checkpoint_path} is a directory, not a checkpoint file") from None
+        except OSError as exc:
+            raise RunError(f"cannot read {self.checkpoint_path}: {exc.strerror or exc}") from None
+        if not self.digest_path.exists():
             raise RunError(f"{self.checkpoint_path} has no checksum file {self.digest_path.name}, so it cannot be "
                            "verified; refusing to load it (a run written before checksums: if you trust the file, "
                            f"run `sha256sum checkpoint.pt > {self.digest_path.name}` in {self.path})")
+        accepted = self._accepted_digests()
         digest = hashlib.sha256(data).hexdigest()
         if digest not in accepted:
             raise RunError(f"{self.checkpoint_path} is damaged: its SHA-256 {digest[:16]}… does not match "

@@ -1,8 +1,10 @@
 """Pieces of the pretraining loop shared by pretrain.py, transfer.py and benchmarks/quality.py.
 
-* :class:`SSLModel` — backbone + adapter in one module (what DDP wraps): three backbone calls
-  (x0, x1, x2) for the joint objective, two for the invariant-only one; optional NaN/Inf checks
-  of the views and of the backbone features before they reach any BatchNorm.
+* :class:`SSLModel` — backbone + adapter in one module (what DDP and ``torch.compile`` wrap): three
+  backbone calls (x0, x1, x2) for the joint objective, two for the invariant-only one; optional
+  NaN/Inf checks of the views and of the backbone features before they reach any BatchNorm.
+* :func:`train_step` — one optimiser step: two augmented views, the model, backward, step. No host
+  sync unless the finite checks are on.
 * :func:`build_adapter`, :func:`build_augment`, :func:`build_optimizer` — the library objects a run
   config asks for.
 * :func:`make_loader` — batches of in-memory images through a (Distributed)Sampler reseeded per epoch.
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +28,7 @@ from common.knn import knn_accuracy
 
 __all__ = [
     "NonFiniteError", "SSLModel", "all_finite", "build_adapter", "build_augment", "build_head_module", "build_optimizer",
-    "evaluate", "extract_features", "make_loader", "original_view", "progress",
+    "evaluate", "extract_features", "make_loader", "original_view", "progress", "train_step",
 ]
 
 
@@ -51,32 +54,64 @@ class SSLModel(nn.Module):
     With ``check_finite`` the views are checked before the backbone and the features before the
     adapter (so before the BatchNorm layers of the backbone, the head and the predictor, and before
     the parameter normaliser update their running statistics); a NaN/Inf raises :class:`NonFiniteError`
-    on every rank. Each check is one host-device synchronisation.
+    on every rank. Each check is one host-device synchronisation. The forward takes tensors only (no
+    per-step Python value), so ``torch.compile`` builds one graph for every step.
+
+    ``channels_last`` puts the views in the channels-last memory format the convolutions of a CUDA
+    backbone prefer (pair it with ``backbone.to(memory_format=torch.channels_last)``).
     """
 
-    def __init__(self, backbone: nn.Module, adapter: nn.Module, *, joint: bool = True, check_finite: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, adapter: nn.Module, *, joint: bool = True, check_finite: bool = False,
+                 channels_last: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.adapter = adapter
         self.joint = joint
         self.check_finite = check_finite
+        self.channels_last = channels_last
 
-    def _require_finite(self, what: str, where: str, *tensors: torch.Tensor) -> None:
+    def _require_finite(self, what: str, *tensors: torch.Tensor) -> None:
         if self.check_finite and not all_finite(*tensors):
-            raise NonFiniteError(f"NaN/Inf in the {what} at {where or 'this step'}; stopped before it reached the "
-                                 "BatchNorm statistics (nothing of this epoch was saved)")
+            raise NonFiniteError(f"NaN/Inf in the {what}; stopped before it reached the BatchNorm statistics")
 
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
-                where: str = "") -> Any:
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> Any:
         views = (x1, x2, x0, p1, p2) if self.joint else (x1, x2)
-        self._require_finite("augmented views or their parameters", where, *views)
-        h1, h2 = self.backbone(x1), self.backbone(x2)
+        self._require_finite("augmented views or their parameters", *views)
+        h1, h2 = self._features(x1), self._features(x2)
         if not self.joint:
-            self._require_finite("backbone features", where, h1, h2)
+            self._require_finite("backbone features", h1, h2)
             return self.adapter(h1, h2)
-        h0 = self.backbone(x0)
-        self._require_finite("backbone features", where, h1, h2, h0)
+        h0 = self._features(x0)
+        self._require_finite("backbone features", h1, h2, h0)
         return self.adapter(h1, h2, h0=h0, params1=p1, params2=p2)
+
+
+def train_step(model: Callable[..., Any], aug: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, *,
+               generator: torch.Generator | None = None, backward: Callable[[torch.Tensor], Any] | None = None,
+               check_finite: bool = False) -> Any:
+    """One optimiser step on a batch of float ``images`` already on the device; returns the model's output.
+
+    Two views and the original x0 (STAR, arXiv 2510.27222, Sec. 3: ``L = L_inv + λ·L_eq``) go through
+    ``model`` (an :class:`SSLModel`, possibly wrapped by Fabric / DDP / ``torch.compile``); ``backward``
+    (default ``loss.backward()``; ``fabric.backward`` scales an fp16 loss) and ``opt.step()`` follow.
+    Nothing here reads a value back to the host unless ``check_finite`` (then a NaN/Inf loss raises
+    :class:`NonFiniteError` before the optimiser step).
+    """
+    x1, p1 = aug(images, generator=generator)
+    x2, p2 = aug(images, generator=generator)
+    x0 = original_view(aug, images)
+    out = model(x0, x1, x2, p1, p2)
+    opt.zero_grad(set_to_none=True)
+    (backward or torch.Tensor.backward)(out.loss)
+    if check_finite and not all_finite(out.loss):
+        raise NonFiniteError("non-finite loss; stopped before the optimiser step")
+    opt.step()
+    return out
 
 
 def build_adapter(cfg: dict[str, Any], feat_dim: int, *, distributed: bool = False) -> nn.Module:
@@ -89,7 +124,7 @@ def build_adapter(cfg: dict[str, Any], feat_dim: int, *, distributed: bool = Fal
     # training batches (and a resumed run then logs exactly what an uninterrupted one does).
     kwargs: dict[str, Any] = dict(head=build_head_module(cfg, feat_dim), param_dim=PARAM_DIM,
                                   lam=cfg["lam"], gather=distributed, predictor=cfg.get("predictor", "star"),
-                                  cca_every=0)
+                                  cca_every=cfg.get("cca_every", 0))
     if cfg["method"] != "vicreg":
         kwargs.update(temperature=cfg["temperature"], eq_temperature=cfg["temperature"])
     return cls[cfg["method"]](feat_dim, **kwargs)
@@ -108,19 +143,32 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
 
 
 def build_head_module(cfg: dict[str, Any], feat_dim: int) -> nn.Module:
-    """The projection head of ``cfg``: ``head``, ``num_experts``, ``hidden_dim`` and ``match_params``.
+    """The projection head of ``cfg``: ``head``, ``num_experts``, ``hidden_dim``, ``embed_dim``, ``match_params``
+    and ``router_init``.
 
     ``equimod`` is EquiMod's head shape (``SeparateHeads.equimod``, hidden ``cfg['hidden_dim']`` or 2048);
     ``match_params`` sizes a baseline kind to the STAR head with ``num_experts`` experts (``build_head``).
+    A ``router_init`` other than ``default`` is passed to ``build_head`` as ``router_init=``; a star_heads
+    whose heads do not take it raises ValueError saying so.
     """
     from star_heads import SeparateHeads, build_head
 
-    hidden = cfg.get("hidden_dim")
+    hidden, dim = cfg.get("hidden_dim"), cfg.get("embed_dim", 128)
     if cfg["head"] == "equimod":
-        return SeparateHeads.equimod(feat_dim, hidden_dim=hidden or 2048)
+        return SeparateHeads.equimod(feat_dim, hidden_dim=hidden or 2048, output_dim=dim)
     star_sized = cfg["head"] == "star" or cfg.get("match_params", False)
-    return build_head(cfg["head"], feat_dim, hidden_dim=hidden, num_experts=cfg["num_experts"] if star_sized else None,
-                      match_params=cfg.get("match_params", False))
+    options: dict[str, Any] = {}
+    if cfg.get("router_init", "default") != "default":
+        options["router_init"] = cfg["router_init"]
+    try:
+        return build_head(cfg["head"], feat_dim, output_dim=dim, hidden_dim=hidden,
+                          num_experts=cfg["num_experts"] if star_sized else None,
+                          match_params=cfg.get("match_params", False), **options)
+    except TypeError as exc:
+        if "router_init" in options and "router_init" in str(exc):
+            raise ValueError(f"router_init={cfg['router_init']!r} needs a star_heads whose {cfg['head']} head takes "
+                             f"router_init= (this one does not: {exc})") from None
+        raise
 
 
 def build_augment(cfg: dict[str, Any], device: torch.device) -> nn.Module:
@@ -174,38 +222,53 @@ def _eval_mode(*modules: nn.Module):
             m.train(mode)
 
 
+def _autocast(device: torch.device, amp_enabled: bool, autocast: Callable[[], Any] | None) -> Any:
+    if autocast is not None:
+        return autocast()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled)
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: torch.Tensor, aug: nn.Module | None, device: torch.device,
-                     *, amp_enabled: bool = False, batch_size: int = 512) -> torch.Tensor:
-    """Backbone features ``[n, d]`` (float32, on ``device``) of un-augmented images, in eval mode."""
+                     *, amp_enabled: bool = False, batch_size: int = 512,
+                     autocast: Callable[[], Any] | None = None) -> torch.Tensor:
+    """Backbone features ``[n, d]`` (float32, on ``device``) of un-augmented images, in eval mode.
+
+    ``autocast`` (e.g. ``fabric.autocast``) gives the precision context; else ``amp_enabled`` means bf16.
+    """
     out = []
     with _eval_mode(backbone):
         for chunk in images.split(batch_size):
             x = to_float(chunk.to(device, non_blocking=True))
             if aug is not None:
                 x = original_view(aug, x)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled):
+            with _autocast(device, amp_enabled, autocast):
                 out.append(backbone(x).float())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate(backbone: nn.Module, adapter: nn.Module, data: PretrainData, aug: nn.Module, device: torch.device,
-             *, amp_enabled: bool = False, batch_size: int = 512, cache: dict | None = None) -> dict[str, Any]:
+             *, amp_enabled: bool = False, batch_size: int = 512, cache: dict | None = None,
+             autocast: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Held-out metrics of one epoch.
 
     Returns ``cca_mean``, ``cca_null`` (mean canonical correlation between the invariant and
     equivariant embeddings of the held-out images, and the same for shuffled pairs), ``cca_rank``,
     ``gate_mean`` ([T][N] mean gate per task and expert), ``gate_entropy``, ``effective_experts``
     (per task), ``task_overlap`` (per expert: min over tasks / max over tasks of its mean gate) and ``knn_acc`` (weighted 20-NN on backbone features, bank → held-out labels).
-    Entries that do not apply (no equivariant embedding, no router) are None. Pass the same
+    Entries that do not apply (no equivariant embedding, no router) are None; non-finite held-out features
+    raise :class:`NonFiniteError`. Pass the same
     ``cache`` dict every epoch: its ``CCAMeter`` (and the meter's cached null baseline) is reused.
     """
     from star_heads.metrics import CCAMeter
 
     row: dict[str, Any] = {"cca_mean": None, "cca_null": None, "cca_rank": None, "gate_mean": None,
                            "gate_entropy": None, "effective_experts": None, "task_overlap": None, "knn_acc": None}
-    h = extract_features(backbone, data.heldout.images, aug, device, amp_enabled=amp_enabled, batch_size=batch_size)
+    kw: dict[str, Any] = dict(amp_enabled=amp_enabled, batch_size=batch_size, autocast=autocast)
+    h = extract_features(backbone, data.heldout.images, aug, device, **kw)
+    if not bool(torch.isfinite(h).all()):  # once per epoch: the held-out features decide every metric below
+        raise NonFiniteError("NaN/Inf in the backbone features of the held-out images (the weights diverged)")
     with _eval_mode(adapter):
         emb = adapter.embed(h)
         if "eq" in emb:
@@ -231,7 +294,7 @@ def evaluate(backbone: nn.Module, adapter: nn.Module, data: PretrainData, aug: n
             task_overlap=_tolist(stats.task_overlap),
         )
     if data.heldout.labels is not None and data.knn_bank.labels is not None:
-        bank = extract_features(backbone, data.knn_bank.images, aug, device, amp_enabled=amp_enabled, batch_size=batch_size)
+        bank = extract_features(backbone, data.knn_bank.images, aug, device, **kw)
         n_cls = int(max(int(data.knn_bank.labels.max()), int(data.heldout.labels.max()))) + 1
         row["knn_acc"] = knn_accuracy(bank, data.knn_bank.labels.to(device), h, data.heldout.labels.to(device), n_cls)
     return row
@@ -252,6 +315,9 @@ def _tolist(x: Any) -> Any:
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        print(" ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in kwargs.items()), flush=True)
 
     def close(self) -> None:
         pass
