@@ -8,7 +8,8 @@ NaN, so the loss shows it), then its running mean, running variance and ``num_ba
 back to their previous values where the update is not finite. The decision is a ``torch.where`` on the
 device; nothing is read back to the host, so a training step stays free of synchronisations.
 
-The guard wraps the module call, so it holds for ``nn.BatchNorm1d`` and for ``nn.SyncBatchNorm`` (after
+Each BatchNorm decides on its own input (a layer that saw a finite batch updates as usual). The guard
+wraps the module call, so it holds for ``nn.BatchNorm1d`` and for ``nn.SyncBatchNorm`` (after
 ``nn.SyncBatchNorm.convert_sync_batchnorm``), whose statistics are the global batch's: every rank sees the
 same non-finite statistics and skips the same update.
 """
