@@ -22,7 +22,15 @@ from star_heads._checks import check_bool, check_float_tensor, check_positive_in
 from star_heads._precision import autocast_dtype
 from star_heads._running_stats import guarded_batch_norm
 from star_heads._value_checks import value_checks_enabled
-from star_heads.expert_layers import ExpertLayerNorm, ExpertLinear, export_norm, is_batch_norm, load_norm, make_expert_norm, norm_options
+from star_heads.expert_layers import (
+    ExpertLayerNorm,
+    ExpertLinear,
+    export_norm,
+    is_batch_norm,
+    load_norm,
+    make_expert_norm,
+    norm_options,
+)
 
 __all__ = ["ExpertBank"]
 

@@ -12,7 +12,12 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from star_heads._checks import check_bool, check_float_tensor, check_layer, check_positive_int
+from star_heads._checks import (
+    check_bool,
+    check_float_tensor,
+    check_layer,
+    check_positive_int,
+)
 from star_heads._precision import autocast_dtype
 from star_heads._running_stats import guarded_batch_norm
 from star_heads._value_checks import value_checks_enabled

@@ -10,12 +10,12 @@ from functools import partial
 
 import pytest
 import torch
+from sync_guard import HostSyncGuard
 from torch import nn
 
 from star_heads._running_stats import guarded_batch_norm
 from star_heads.equivariance import EquivariantPredictor
 from star_heads.experts import ExpertBank
-from sync_guard import HostSyncGuard
 
 
 def _stats(module):

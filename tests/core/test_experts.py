@@ -295,3 +295,17 @@ def test_no_activation_sized_copies_between_layers(norm):
         z.sum().backward()
     assert forward.seen == []
     assert backward.seen == ([("clone.default", (n, h, b))] if norm == "ln" else [])
+
+
+def test_every_parameter_and_buffer_follows_device_and_a_meta_step_runs():
+    """Placement: built on ``meta`` (the stand-in for a GPU), every parameter, buffer and output is there,
+    forward and backward, routed or not, BatchNorm and LayerNorm."""
+    for norm in (nn.BatchNorm1d, nn.LayerNorm):
+        bank = ExpertBank(4, 8, 6, 5, norm_layer=norm, last_norm_layer=nn.BatchNorm1d, device="meta")
+        assert {t.device.type for t in (*bank.parameters(), *bank.buffers())} == {"meta"}
+        x = torch.randn(3, 8, device="meta", requires_grad=True)
+        gates = torch.softmax(torch.randn(3, 2, 4, device="meta"), -1)
+        z, experts = bank(x, gates, return_expert_outputs=True)
+        assert z.shape == (2, 3, 5) and experts.shape == (3, 4, 5) and z.device.type == "meta"
+        z.sum().backward()
+        assert x.grad.device.type == "meta" and all(p.grad.device.type == "meta" for p in bank.parameters())
