@@ -1,17 +1,20 @@
 """Building blocks of the fused expert bank: N independent layers evaluated as one kernel each.
 
-Axis legend (batch-major layout used inside the bank):
+Axis legend:
     b: batch    n: experts    i: input features of a layer    o: output features of a layer
 
-Activations inside the bank are contiguous ``[b, n, o]`` tensors, i.e. ``[b, (n o)]``: one wide layer of
-``n·o`` channels whose channels are grouped by expert. Then
+Inside the bank an activation is stored feature-major, ``[n, o, b]`` = ``[(n o), b]``: one wide layer of
+``n·o`` channels grouped by expert, each channel's ``b`` values contiguous. Every layer is plain torch ops,
+so autograd, autocast, ``torch.compile``, the ``meta`` device and ``nn.SyncBatchNorm`` see ordinary
+operators, and no layer copies an activation:
 
-* the first layer, whose input is shared by every expert, is one wide GEMM ``x[b, i] @ W[(n o), i]^T``;
-* every later layer is one batched matmul over experts reading and writing strided ``[n, b, ·]`` views
-  of the ``[b, n, ·]`` tensors (BLAS takes the row stride, so nothing is copied);
-* per-expert BatchNorm is one ``BatchNorm1d(n·o)`` on the free 2-D view ``[b, (n o)]`` — exactly the
-  layout ``nn.BatchNorm1d`` (and ``nn.SyncBatchNorm``) expect, so their own kernels run unchanged;
-* per-expert LayerNorm normalises over ``o`` for each ``(b, n)``.
+* the first layer, whose input is shared by every expert, is one GEMM ``W[(n o), i] @ x[b, i]^T``;
+* every later layer is one batched matmul over experts, ``W[n, o, i] @ h[n, i, b]`` (the weight gradient
+  comes out in the parameter's own layout, ``[n, o, i]``);
+* per-expert BatchNorm is one ``BatchNorm1d(n·o)`` on the free view ``[1, (n o), b]``: BatchNorm1d (and
+  SyncBatchNorm) normalise each channel over the batch and length axes, here ``1 × b`` = the batch, so
+  their own kernels compute exactly the per-expert ``nn.BatchNorm1d(o)`` statistics;
+* per-expert LayerNorm normalises over ``o`` for each ``(n, b)`` on the ``[n, b, o]`` view.
 
 Each layer can export expert ``k`` as a standard module and load it back (:meth:`ExpertLinear.export_expert`,
 :func:`export_norm`), so the bank never needs to know how a layer stores its experts.
@@ -24,7 +27,6 @@ import math
 import torch
 from torch import nn
 
-from star_heads import _expert_kernels as kernels
 from star_heads._checks import check_positive_int
 
 __all__ = ["ExpertLinear", "ExpertLayerNorm", "make_expert_norm", "export_norm", "load_norm", "is_batch_norm"]
@@ -84,9 +86,27 @@ class ExpertLinear(nn.Module):
             h: ``[b, i]`` (input shared by all experts) or ``[b, n, i]`` (one input per expert).
 
         Returns:
-            ``[b, n, o]``, a contiguous base tensor (an in-place activation on it is safe).
+            ``[b, n, o]``, a view of the feature-major ``[n, o, b]`` result. Under autocast the matmuls run
+            in the autocast dtype, as ``nn.Linear``'s. The bank itself calls :meth:`shared` and
+            :meth:`per_expert`, which keep the feature-major layout.
         """
-        return kernels.expert_linear(h, self.weight, self.bias)
+        if h.ndim == 2:
+            return self.shared(h).view(self.num_experts, self.out_features, -1).permute(2, 0, 1)
+        return self.per_expert(h.permute(1, 2, 0)).permute(2, 0, 1)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on one shared input: ``x [b, i] -> [(n o), b]``, one GEMM, a new contiguous tensor."""
+        n, o, i = self.weight.shape
+        w = self.weight.view(n * o, i)
+        return torch.mm(w, x.t()) if self.bias is None else torch.addmm(self.bias.view(n * o, 1), w, x.t())
+
+    def per_expert(self, h: torch.Tensor) -> torch.Tensor:
+        """Expert ``k`` on ``h[k]``: ``h [n, i, b]`` (any strides BLAS takes, e.g. a transposed view)
+        ``-> [n, o, b]``, one batched matmul, a new contiguous tensor."""
+        n, o, _ = self.weight.shape
+        if self.bias is None:
+            return torch.bmm(self.weight, h)
+        return torch.baddbmm(self.bias.view(n, o, 1), self.weight, h)
 
     @torch.no_grad()
     def export_expert(self, k: int) -> nn.Linear:
@@ -153,11 +173,11 @@ class ExpertLayerNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """``h [b, n, o] -> [b, n, o]`` (a new base tensor)."""
+    def forward(self, h: torch.Tensor, expert_axis: int = 1) -> torch.Tensor:
+        """``h [b, n, o] -> [b, n, o]``, or ``[n, b, o] -> [n, b, o]`` with ``expert_axis=0`` (a new tensor)."""
         y = torch.nn.functional.layer_norm(h, (self.features,), eps=self.eps)
         if self.weight is not None:
-            shape = (self.num_experts, self.features)
+            shape = (self.num_experts, self.features) if expert_axis == 1 else (self.num_experts, 1, self.features)
             y = torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
         return y
 
@@ -183,12 +203,19 @@ class ExpertLayerNorm(nn.Module):
                f"elementwise_affine={self.weight is not None}"
 
 
+#: The BatchNorm classes the bank computes exactly like its ``to_modules()`` experts: per-channel
+#: statistics of a ``[b, c]`` batch (``nn.BatchNorm2d``/``3d`` want images, ``nn.InstanceNorm1d``
+#: normalises each sample on its own, neither is a per-expert ``nn.BatchNorm1d``).
+BATCH_NORMS = (nn.BatchNorm1d, nn.SyncBatchNorm)
+
+
 def is_batch_norm(layer: object) -> bool:
-    """Whether ``layer`` is a BatchNorm class, a ``functools.partial`` of one, or a BatchNorm module."""
+    """Whether ``layer`` is ``nn.BatchNorm1d`` / ``nn.SyncBatchNorm`` (a class, a ``functools.partial`` of
+    one, or a module)."""
     layer = getattr(layer, "func", layer)
     if isinstance(layer, nn.Module):
-        return isinstance(layer, nn.modules.batchnorm._NormBase)
-    return isinstance(layer, type) and issubclass(layer, nn.modules.batchnorm._NormBase)
+        return type(layer) in BATCH_NORMS
+    return layer in BATCH_NORMS
 
 
 def make_expert_norm(
@@ -201,7 +228,8 @@ def make_expert_norm(
     ``None`` / ``nn.Identity`` mean no norm.
 
     Raises:
-        TypeError: any other norm layer.
+        TypeError: any other norm layer (e.g. ``nn.BatchNorm2d``, ``nn.InstanceNorm1d``, ``nn.GroupNorm``, a
+            subclass), which the bank could not compute exactly like its per-expert ``to_modules()``.
     """
     cls, kwargs = norm_layer, {}
     if hasattr(norm_layer, "func") and hasattr(norm_layer, "keywords"):  # functools.partial

@@ -6,7 +6,7 @@ Axis legend:
 Each expert is ``Linear → norm → act`` repeated ``num_layers - 1`` times, then ``Linear`` (no norm at the
 output unless ``last_norm_layer`` is given); by default the hidden Linears have no bias and the last one has.
 With dense soft routing every sample reaches every expert, so the bank never needs a ragged grouped GEMM:
-see :mod:`star_heads.expert_layers` for the layout that keeps every layer a single kernel with no copies.
+see :mod:`star_heads.expert_layers` for the layout that keeps every layer a single kernel.
 """
 
 from __future__ import annotations
@@ -18,10 +18,19 @@ from functools import partial
 import torch
 from torch import nn
 
-from star_heads import _expert_kernels as kernels
-from star_heads._checks import check_float_tensor, check_positive_int
+from star_heads._checks import check_bool, check_float_tensor, check_positive_int
 from star_heads._precision import autocast_dtype
-from star_heads.expert_layers import ExpertLinear, export_norm, is_batch_norm, load_norm, make_expert_norm, norm_options
+from star_heads._running_stats import guarded_batch_norm
+from star_heads._value_checks import value_checks_enabled
+from star_heads.expert_layers import (
+    ExpertLayerNorm,
+    ExpertLinear,
+    export_norm,
+    is_batch_norm,
+    load_norm,
+    make_expert_norm,
+    norm_options,
+)
 
 __all__ = ["ExpertBank"]
 
@@ -44,13 +53,14 @@ class ExpertBank(nn.Module):
         output_dim: Output size of every expert.
         num_layers: Linear layers per expert (>= 1); ``1`` is a single Linear.
         norm_layer: Norm class after each hidden Linear (``nn.BatchNorm1d`` default, ``nn.SyncBatchNorm``,
-            ``nn.LayerNorm``, ``None``; ``functools.partial`` for options).
+            ``nn.LayerNorm``, ``None``; ``functools.partial`` for options). Other norms are refused.
         act_layer: Elementwise activation after each hidden norm: a class, a ``functools.partial`` of one,
             a configured instance (copied per layer, e.g. ``nn.LeakyReLU(0.3)``) or ``None``.
         hidden_bias: Whether the hidden Linears have a bias: one bool for all, or one per hidden layer.
         last_bias: Whether the last Linear has a bias.
         last_norm_layer: Optional norm after the last Linear (e.g. EquiMod's ``BatchNorm1d(affine=False)``).
-        check_finite: Also reject NaN/Inf in ``x`` and ``gates`` (one host-device sync per call).
+        check_finite: Also reject NaN/Inf in ``x`` and ``gates`` (one host-device sync per call); the global
+            switch :func:`star_heads.set_value_checks` turns it on for every module.
         device: Factory kwarg.
         dtype: Factory kwarg.
 
@@ -61,7 +71,10 @@ class ExpertBank(nn.Module):
         however many tasks read them; ``return_expert_outputs=True`` also returns them as ``[B, N, o]``.
 
     Inputs must have the parameters' dtype, except under ``torch.autocast``, where the Linears run in the
-    autocast dtype as ``nn.Linear`` does (and ``gates`` are cast to it for the mixture).
+    autocast dtype as ``nn.Linear`` does (and the mixture too).
+
+    Every BatchNorm's running statistics skip a training batch that holds NaN or Inf (the output still
+    carries it), decided on the device without a host sync (see ``star_heads/_running_stats.py``).
     """
 
     def __init__(
@@ -87,8 +100,8 @@ class ExpertBank(nn.Module):
         self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
         self.output_dim = check_positive_int(output_dim, "output_dim")
         self.num_layers = check_positive_int(num_layers, "num_layers")
-        self.check_finite = bool(check_finite)
-        biases = [*_hidden_biases(hidden_bias, num_layers - 1), bool(last_bias)]
+        self.check_finite = check_bool(check_finite, "check_finite")
+        biases = [*_hidden_biases(hidden_bias, num_layers - 1), check_bool(last_bias, "last_bias")]
         factory = {"device": device, "dtype": dtype}
         sizes = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.linears = nn.ModuleList(
@@ -116,32 +129,41 @@ class ExpertBank(nn.Module):
 
         Raises:
             TypeError: ``x``/``gates`` not floating-point tensors, or of another dtype than the bank's
-                parameters outside autocast.
+                parameters outside autocast; ``return_expert_outputs`` not a bool.
             ValueError: wrong shapes, an empty batch, a single sample while a BatchNorm uses batch
                 statistics, or (``check_finite``) NaN/Inf values.
         """
         self._check(x, gates)
-        out = self._run_experts(x)  # [b, n, o]
+        return self._forward(x, gates, check_bool(return_expert_outputs, "return_expert_outputs"))
+
+    def _forward(
+        self, x: torch.Tensor, gates: torch.Tensor | None = None, return_expert_outputs: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` without the input checks, for callers that validated ``x`` and ``gates`` already."""
+        param = self.linears[0].weight.dtype
+        # autocast casts float32 operands, never float64 ones: an input of another dtype (only accepted under
+        # autocast) is brought to the parameters' dtype first, and autocast takes it from there
+        out = self._run_experts(x if x.dtype == param else x.to(param))  # [b, n, o]
         if gates is None:
             return out
-        mixed = torch.bmm(gates.to(out.dtype), out).transpose(0, 1)  # [b, t, n] @ [b, n, o] -> [t, b, o]
+        gates = gates if gates.dtype == param else gates.to(param)
+        mixed = torch.bmm(gates, out).transpose(0, 1)  # [b, t, n] @ [b, n, o] -> [t, b, o]
         return (mixed, out) if return_expert_outputs else mixed
 
     def _run_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on ``x [B, d]``: ``[B, N, o]``, contiguous."""
-        h = self.linears[0](x)  # [b, n, h], a base tensor: an activation may run in place on it
+        """Every expert on ``x [B, d]``: ``[B, N, o]``, contiguous (one copy of the output from the feature-major
+        ``[N, o, B]`` layout, so that the mixture's batched matmul reads whole rows)."""
+        n = self.num_experts
+        h = self.linears[0].shared(x)  # [(n h), b]
         for i, linear in enumerate(self.linears[1:]):
-            norm, act = self.norms[i], self.acts[i]
-            if type(norm) is nn.BatchNorm1d and type(act) is nn.ReLU and _uses_batch_stats(norm):
-                h = kernels.batch_norm_relu_linear(h.reshape(h.shape[0], -1), _batch_norm_args(norm), linear.weight, linear.bias)
-            else:
-                h = linear(_norm_act(h, norm, act))
-        return _norm_act(h, self.norms[-1], None)
+            h = linear.per_expert(_norm_act(h, n, self.norms[i], self.acts[i]))  # [n, o, b]
+        return _norm_act(h, n, self.norms[-1], None).permute(2, 0, 1).contiguous()
 
     # --------------------------------------------------------------- validation
     def _check(self, x: torch.Tensor, gates: torch.Tensor | None) -> None:
-        """Shape and dtype checks (free); values only with ``check_finite``."""
-        check_float_tensor(x, "x", sizes=(None, self.input_dim), finite=self.check_finite)
+        """Shape and dtype checks (they read ``.shape`` / ``.dtype`` only); values only with ``check_finite``."""
+        finite = value_checks_enabled(self.check_finite)
+        check_float_tensor(x, "x", sizes=(None, self.input_dim), finite=finite)
         if x.shape[0] == 0:
             raise ValueError(f"x must hold at least one sample, got shape {list(x.shape)}")
         if x.shape[0] == 1 and any(_uses_batch_stats(m) for m in self.norms):
@@ -157,7 +179,7 @@ class ExpertBank(nn.Module):
                 "(or run under torch.autocast)"
             )
         if gates is not None:
-            check_float_tensor(gates, "gates", sizes=(x.shape[0], None, self.num_experts), finite=self.check_finite)
+            check_float_tensor(gates, "gates", sizes=(x.shape[0], None, self.num_experts), finite=finite)
             if not autocast and gates.dtype != x.dtype:
                 raise TypeError(f"gates has dtype {gates.dtype} but x has {x.dtype}: they must match outside autocast")
 
@@ -228,31 +250,28 @@ class ExpertBank(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _norm_act(h: torch.Tensor, norm: nn.Module, act: nn.Module | None) -> torch.Tensor:
-    """One hidden (or last) norm and activation on ``h [b, n, o]``; returns a contiguous ``[b, n, o]``."""
-    b, n, o = h.shape
+def _norm_act(h: torch.Tensor, n: int, norm: nn.Module, act: nn.Module | None) -> torch.Tensor:
+    """One hidden (or last) norm and activation; returns the ``[n, o, b]`` view of a new tensor.
+
+    ``h`` is a new tensor holding the feature-major ``[n, o, b]`` activations (shaped ``[(n o), b]`` or
+    ``[n, o, b]``), which no backward reads, so an in-place activation on the norm's output is exact and
+    never rewrites a view. BatchNorm1d / SyncBatchNorm run on the view ``[1, (n o), b]``, with their running
+    statistics guarded against non-finite batches (:func:`guarded_batch_norm`); LayerNorm on ``[n, b, o]``.
+    """
+    b = h.shape[-1]
     if is_batch_norm(norm):
-        h = norm(h.reshape(b, n * o))  # BatchNorm1d / SyncBatchNorm over n·o channels: its own kernel
+        h = guarded_batch_norm(norm, h.view(1, -1, b))  # [1, (n o), b]
+    elif isinstance(norm, ExpertLayerNorm):
+        h = norm(h.view(n, -1, b).transpose(1, 2), expert_axis=0)  # [n, b, o], a new tensor
     elif not isinstance(norm, nn.Identity):
-        h = norm(h)
+        raise TypeError(f"an ExpertBank cannot apply the norm module {type(norm).__name__}")
     if act is not None:
-        h = act(h)  # in place where the activation supports it: h is always a base tensor here
-    return h.view(b, n, o) if h.is_contiguous() else h.reshape(b, n, o)
+        h = act(h)  # in place where the activation supports it
+    return h.transpose(1, 2) if isinstance(norm, ExpertLayerNorm) else h.view(n, -1, b)
 
 
 def _uses_batch_stats(norm: nn.Module) -> bool:
     return is_batch_norm(norm) and (norm.training or norm.running_mean is None)
-
-
-def _batch_norm_args(bn: nn.BatchNorm1d) -> tuple:
-    """``(weight, bias, running_mean, running_var, factor, eps)`` as ``nn.BatchNorm1d.forward`` computes them
-    for a training-mode call (``num_batches_tracked`` incremented, cumulative average when momentum is None)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    track = not bn.training or bn.track_running_stats
-    return bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None, factor, bn.eps
 
 
 def _hidden_biases(hidden_bias: bool | Sequence[bool], count: int) -> list[bool]:

@@ -12,11 +12,38 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from star_heads._checks import check_bool, check_float_tensor, check_positive_int
+from star_heads._checks import (
+    check_bool,
+    check_float_tensor,
+    check_layer,
+    check_positive_int,
+)
+from star_heads._precision import autocast_dtype
+from star_heads._running_stats import guarded_batch_norm
+from star_heads._value_checks import value_checks_enabled
 
 __all__ = ["EquivariantPredictor"]
 
 PredictorKind = Literal["star", "equimod", "hyper"]
+
+
+#: BatchNorm classes that normalise ``[B, width]`` features (``nn.BatchNorm2d``/``3d`` expect images,
+#: ``nn.InstanceNorm1d`` normalises each sample on its own).
+_BATCH_NORMS = (nn.BatchNorm1d, nn.SyncBatchNorm)
+
+
+def _check_norm(norm: nn.Module, norm_layer: object) -> nn.Module:
+    """Refuses a batch/instance norm the predictor cannot apply to ``[B, width]`` features."""
+    if isinstance(norm, nn.modules.batchnorm._NormBase) and type(norm) not in _BATCH_NORMS:
+        raise TypeError(
+            f"norm_layer must normalise [B, width] features (nn.BatchNorm1d, nn.SyncBatchNorm, nn.LayerNorm, ...), "
+            f"got {norm_layer!r}, which builds {type(norm).__name__}"
+        )
+    return norm
+
+
+def _uses_batch_stats(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
 
 
 def _norm_without_affine(norm_layer: type[nn.Module], dim: int) -> nn.Module:
@@ -64,11 +91,15 @@ class EquivariantPredictor(nn.Module):
         param_dim: Parameter / latent width P.
         kind: ``"star"``, ``"equimod"`` or ``"hyper"``.
         hidden_dim: Hidden width H of φ (``"star"`` only).
-        norm_layer: Normalisation class, called as ``norm_layer(width)``.
+        norm_layer: Normalisation class for ``[B, width]`` features, called as ``norm_layer(width)``
+            (``nn.BatchNorm1d``, ``nn.SyncBatchNorm``, ``nn.LayerNorm``; image or instance norms are refused).
         act_layer: Activation class, called as ``act_layer()``.
-        check_finite: Check ``z0`` and ``params`` for NaN/Inf before they reach a layer (so before the
-            BatchNorm running statistics); ValueError when found. One host-device sync per call, so
-            off by default.
+        check_finite: Check ``z0`` and ``params`` for NaN/Inf before they reach a layer; ValueError when
+            found. One host-device sync per call, so off by default (:func:`star_heads.set_value_checks`
+            turns it on everywhere). Without it a non-finite batch still never reaches the BatchNorm
+            running statistics: they skip that batch, decided on the device (the output carries the NaN).
+
+    Inputs must have the parameters' dtype, except under ``torch.autocast``.
     """
 
     def __init__(
@@ -84,6 +115,8 @@ class EquivariantPredictor(nn.Module):
     ) -> None:
         super().__init__()
         self.check_finite = check_bool(check_finite, "check_finite")
+        check_layer(norm_layer, "norm_layer", optional=False)
+        check_layer(act_layer, "act_layer", optional=False)
         self.embed_dim = check_positive_int(embed_dim, "embed_dim")
         self.param_dim = check_positive_int(param_dim, "param_dim")
         self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
@@ -95,37 +128,66 @@ class EquivariantPredictor(nn.Module):
             self.param_encoder = nn.Linear(param_dim, d, bias=True)
             self.mlp = nn.Sequential(
                 nn.Linear(2 * d, h, bias=False),
-                norm_layer(h),
+                _check_norm(norm_layer(h), norm_layer),
                 act_layer(),
                 nn.Linear(h, h, bias=False),
-                norm_layer(h),
+                _check_norm(norm_layer(h), norm_layer),
                 act_layer(),
                 nn.Linear(h, d, bias=True),
             )
         elif kind == "equimod":
-            self.param_encoder = nn.Sequential(nn.Linear(param_dim, d, bias=False), norm_layer(d))
-            self.mlp = nn.Sequential(nn.Linear(2 * d, d, bias=False), _norm_without_affine(norm_layer, d))
+            self.param_encoder = nn.Sequential(nn.Linear(param_dim, d, bias=False), _check_norm(norm_layer(d), norm_layer))
+            self.mlp = nn.Sequential(
+                nn.Linear(2 * d, d, bias=False), _check_norm(_norm_without_affine(norm_layer, d), norm_layer)
+            )
         else:
             self.param_encoder = nn.Linear(param_dim, d * d, bias=False)
 
     def forward(self, z0: Tensor, params: Tensor) -> Tensor:
-        """Predicts ``[B, D]`` from the original embedding ``z0`` ``[B, D]`` and ``params`` ``[B, P]``."""
+        """Predicts ``[B, D]`` from the original embedding ``z0`` ``[B, D]`` and ``params`` ``[B, P]``.
+
+        Raises:
+            TypeError: non-float tensors, or ``z0`` of another dtype than the parameters outside autocast.
+            ValueError: wrong shapes, a batch of one while a BatchNorm uses batch statistics, or
+                (``check_finite``) NaN/Inf values.
+        """
         z0 = check_float_tensor(z0, "z0", sizes=[None, self.embed_dim])
         params = check_float_tensor(params, "params", sizes=[None, self.param_dim])
         if params.shape[0] != z0.shape[0]:
             raise ValueError(
                 f"params must have one row per z0 row: z0 has {z0.shape[0]} rows, params has {params.shape[0]}"
             )
-        if self.check_finite:  # after the shape checks, before any layer: one sync for both tensors
+        weight = next(self.parameters()).dtype
+        autocast = autocast_dtype(z0.device.type) is not None
+        if z0.dtype != weight and not autocast:
+            raise TypeError(
+                f"z0 has dtype {z0.dtype} but the predictor's parameters are {weight}: cast the embeddings "
+                f"(z0.to({weight})), the predictor (predictor.to({z0.dtype})), or run under torch.autocast"
+            )
+        if z0.shape[0] == 1 and any(_uses_batch_stats(m) for m in self.modules()):
+            raise ValueError(
+                f"z0 has a batch of 1 (shape {tuple(z0.shape)}): BatchNorm in training mode needs at least 2 "
+                "samples; use a larger batch, call predictor.eval(), or build it with norm_layer=nn.LayerNorm"
+            )
+        if value_checks_enabled(self.check_finite):  # after the shape checks, before any layer: one sync
             if not bool(torch.isfinite(z0).all() & torch.isfinite(params).all()):
                 bad = "z0" if not bool(torch.isfinite(z0).all()) else "params"
                 raise ValueError(f"{bad} contains NaN or Inf values (check_finite=True)")
+        if autocast and z0.dtype != weight:  # autocast never casts float64: start from the parameters' dtype
+            z0 = z0.to(weight)
         if self.kind == "hyper":
             weights = rearrange(self.param_encoder(params.to(z0.dtype)), "B (i j) -> B i j", i=self.embed_dim)
             return einsum(weights, z0.to(weights.dtype), "B i j, B j -> B i")
-        encoded = self.param_encoder(params.to(z0.dtype))  # [B, D]
-        out = self.mlp(torch.cat([z0, encoded], dim=1))  # [B, 2D] -> [B, D]
+        encoded = _run(self.param_encoder, params.to(z0.dtype))  # [B, D]
+        out = _run(self.mlp, torch.cat([z0, encoded], dim=1))  # [B, 2D] -> [B, D]
         return z0 + out if self.kind == "star" else out
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, embed_dim={self.embed_dim}, param_dim={self.param_dim}"
+
+
+def _run(layers: nn.Module, h: Tensor) -> Tensor:
+    """``layers(h)`` (one module or an ``nn.Sequential``), each BatchNorm through :func:`guarded_batch_norm`."""
+    for layer in layers if isinstance(layers, nn.Sequential) else (layers,):
+        h = guarded_batch_norm(layer, h)
+    return h

@@ -93,3 +93,45 @@ def test_default_checks_add_no_host_syncs():
     with _SyncCounter() as c:
         ExpertBank(3, 6, 5, 4, check_finite=True)(x, gates)
     assert c.syncs == 2  # x and gates, only on request
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_check_finite_must_be_a_bool(value):
+    with pytest.raises(TypeError, match=f"check_finite must be a bool, got {type(value).__name__}"):
+        ExpertBank(3, 6, 5, 4, check_finite=value)
+
+
+@pytest.mark.parametrize("norm", [nn.InstanceNorm1d, nn.BatchNorm2d, nn.LazyBatchNorm1d, nn.GroupNorm])
+def test_norms_the_bank_cannot_compute_like_its_modules_are_refused(norm):
+    """Only norms whose fused form equals the per-expert to_modules() one are accepted (an InstanceNorm1d
+    normalises each sample on its own; a BatchNorm2d wants images)."""
+    with pytest.raises(TypeError, match=rf"norm_layer must be a BatchNorm class .*got .*{norm.__name__}"):
+        ExpertBank(3, 6, 5, 4, norm_layer=norm)
+    with pytest.raises(TypeError, match=norm.__name__):
+        ExpertBank(3, 6, 5, 4, last_norm_layer=norm)
+
+
+def test_global_value_switch_reaches_the_bank():
+    from star_heads._value_checks import value_checks
+
+    bank = ExpertBank(3, 6, 5, 4)
+    x = torch.randn(4, 6)
+    x[2, 1] = float("nan")
+    before = copy.deepcopy(bank.state_dict())
+    with value_checks(), pytest.raises(ValueError, match="x contains NaN or Inf"):
+        bank(x)
+    _unchanged(bank, before)
+    assert torch.isnan(bank(x)).any()  # off again: the NaN flows to the output (and skips the statistics)
+    _unchanged(bank, before)
+
+
+def test_private_forward_is_the_same_maths_without_checks():
+    torch.manual_seed(1)
+    bank = ExpertBank(3, 6, 5, 4).eval()
+    x, gates = torch.randn(4, 6), torch.softmax(torch.randn(4, 2, 3), -1)
+    torch.testing.assert_close(bank._forward(x, gates), bank(x, gates), rtol=0, atol=0)
+    z, experts = bank._forward(x, gates, True)
+    torch.testing.assert_close(experts, bank(x), rtol=0, atol=0)
+    with _SyncCounter() as c:
+        bank._forward(x, gates)
+    assert c.syncs == 0

@@ -43,9 +43,9 @@ def _run_pair(bank, modules, x, gates=None):
     train=st.booleans(),
     routed=st.booleans(),
 )
-def test_fused_equals_per_expert_loop(n, d, h, o, layers, b, norm, train, routed):
+def test_fused_equals_per_expert_loop(n, d, h, o, layers, b, norm, train, routed, device):
     torch.manual_seed(n * 1000 + d * 100 + h * 10 + o)
-    bank = ExpertBank(n, d, h, o, layers, norm_layer=NORMS[norm])
+    bank = ExpertBank(n, d, h, o, layers, norm_layer=NORMS[norm], device=device)
     if norm == "bn":  # non-trivial running stats and affine params, so eval mode is a real check
         with torch.no_grad():
             for m in bank.norms:
@@ -57,8 +57,8 @@ def test_fused_equals_per_expert_loop(n, d, h, o, layers, b, norm, train, routed
     modules = bank.to_modules()
     bank.train(train)
     modules.train(train)
-    x = torch.randn(b, d)
-    gates = torch.softmax(torch.randn(b, 2, n), -1) if routed else None
+    x = torch.randn(b, d, device=device)
+    gates = torch.softmax(torch.randn(b, 2, n, device=device), -1) if routed else None
     yf, yl, gxf, gxl = _run_pair(bank, modules, x, gates)
     torch.testing.assert_close(yf, yl)
     torch.testing.assert_close(gxf, gxl)
@@ -104,12 +104,12 @@ def _copy_loop_grads(modules, bank):
                     f.grad.view(n, -1)[k] = p.grad
 
 
-def test_stl10_config_matches_loop_forward_backward():
+def test_stl10_config_matches_loop_forward_backward(device):
     torch.manual_seed(0)
-    bank = ExpertBank(16, 512, 512, 128)
+    bank = ExpertBank(16, 512, 512, 128, device=device)
     modules = bank.to_modules()
-    x = torch.randn(64, 512)
-    gates = torch.softmax(torch.randn(64, 2, 16), -1)
+    x = torch.randn(64, 512, device=device)
+    gates = torch.softmax(torch.randn(64, 2, 16, device=device), -1)
     yf, yl, gxf, gxl = _run_pair(bank, modules, x, gates)
     torch.testing.assert_close(yf, yl)
     torch.testing.assert_close(gxf, gxl)
@@ -178,13 +178,13 @@ def test_sync_batchnorm_conversion():
     torch.testing.assert_close(synced(x), loop_outputs(modules, x))
 
 
-def test_bf16_autocast_cpu():
+def test_bf16_autocast(device):
     torch.manual_seed(3)
-    bank = ExpertBank(4, 16, 16, 8)
-    x = torch.randn(12, 16, requires_grad=True)
-    gates = torch.softmax(torch.randn(12, 2, 4), -1)
+    bank = ExpertBank(4, 16, 16, 8, device=device)
+    x = torch.randn(12, 16, requires_grad=True, device=device)
+    gates = torch.softmax(torch.randn(12, 2, 4, device=device), -1)
     ref = bank(x, gates)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y = bank(x, gates)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
@@ -202,17 +202,18 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops_per_step(n):
-    bank = ExpertBank(n, 8, 8, 4)
-    x = torch.randn(6, 8, requires_grad=True)
-    gates = torch.softmax(torch.randn(6, 2, n), -1)
+def _ops_per_step(n, device="meta"):
+    bank = ExpertBank(n, 8, 8, 4, device=device)
+    x = torch.randn(6, 8, requires_grad=True, device=device)
+    gates = torch.softmax(torch.randn(6, 2, n, device=device), -1)
     with _OpCounter() as c:
         bank(x, gates).sum().backward()
     return c.count
 
 
 def test_operator_count_is_independent_of_num_experts():
-    """No Python loop over experts: the dispatched aten ops of forward+backward do not grow with N."""
+    """No Python loop over experts: the dispatched aten ops of forward+backward do not grow with N (a placement
+    fact: counted on the meta device)."""
     counts = {n: _ops_per_step(n) for n in (2, 3, 16, 64)}
     assert len(set(counts.values())) == 1, counts
 
@@ -281,10 +282,30 @@ class _BigCopyCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize("norm", ["bn", "ln", "none"])
 def test_no_activation_sized_copies_between_layers(norm):
+    """Every layer reads the previous one's output where it lies (feature-major [N, h, B]; BatchNorm on its
+    [1, N·h, B] view): no layout copy of a hidden activation, forward or backward. LayerNorm works on the
+    [N, B, h] transpose, and autograd's batched-matmul backward makes that saved operand contiguous once."""
     n, h, b = 6, 32, 40
     bank = ExpertBank(n, 16, h, 8, norm_layer=NORMS[norm])
     x = torch.randn(b, 16, requires_grad=True)
     gates = torch.softmax(torch.randn(b, 2, n), -1)
-    with _BigCopyCounter(threshold=n * h * b) as c:
-        bank(x, gates).sum().backward()
-    assert c.seen == []
+    with _BigCopyCounter(threshold=n * h * b) as forward:
+        z = bank(x, gates)
+    with _BigCopyCounter(threshold=n * h * b) as backward:
+        z.sum().backward()
+    assert forward.seen == []
+    assert backward.seen == ([("clone.default", (n, h, b))] if norm == "ln" else [])
+
+
+def test_every_parameter_and_buffer_follows_device_and_a_meta_step_runs():
+    """Placement: built on ``meta`` (the stand-in for a GPU), every parameter, buffer and output is there,
+    forward and backward, routed or not, BatchNorm and LayerNorm."""
+    for norm in (nn.BatchNorm1d, nn.LayerNorm):
+        bank = ExpertBank(4, 8, 6, 5, norm_layer=norm, last_norm_layer=nn.BatchNorm1d, device="meta")
+        assert {t.device.type for t in (*bank.parameters(), *bank.buffers())} == {"meta"}
+        x = torch.randn(3, 8, device="meta", requires_grad=True)
+        gates = torch.softmax(torch.randn(3, 2, 4, device="meta"), -1)
+        z, experts = bank(x, gates, return_expert_outputs=True)
+        assert z.shape == (2, 3, 5) and experts.shape == (3, 4, 5) and z.device.type == "meta"
+        z.sum().backward()
+        assert x.grad.device.type == "meta" and all(p.grad.device.type == "meta" for p in bank.parameters())
