@@ -84,7 +84,7 @@ def _pair(seed: int, b: int, d: int, dtype=torch.float64):
 
 
 # ----------------------------------------------------------------------------- against references
-@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 5), st.sampled_from([0.05, 0.2, 0.5, 1.0]))
+@given(st.integers(0, 10_000), st.integers(2, 6), st.integers(1, 5), st.sampled_from([0.05, 0.2, 0.5, 1.0]))
 def test_nt_xent_matches_reference(seed, b, d, tau):
     z1, z2 = _pair(seed, b, d)
     got = nt_xent(z1, z2, tau)
@@ -130,7 +130,7 @@ def test_gradients_match_finite_differences():
 
 
 # ----------------------------------------------------------------------------- properties
-@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 5))
+@given(st.integers(0, 10_000), st.integers(2, 6), st.integers(1, 5))
 def test_nt_xent_invariances(seed, b, d):
     z1, z2 = _pair(seed, b, d)
     base = nt_xent(z1, z2)
@@ -237,14 +237,11 @@ def test_memory_bank_is_refused_not_ignored(size):
 @pytest.mark.parametrize("tau", [0.0, -0.1, float("inf"), float("nan")])
 def test_bad_temperature(tau):
     z = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        nt_xent(z, z, tau)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        equivariant_nt_xent(z, z, tau)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        NTXentLoss(tau)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        EquivariantNTXentLoss(tau)
+    want = "temperature must be > 0" if math.isfinite(tau) else "temperature must be a finite number"
+    for build in (lambda: nt_xent(z, z, tau), lambda: equivariant_nt_xent(z, z, tau), lambda: NTXentLoss(tau),
+                  lambda: EquivariantNTXentLoss(tau)):
+        with pytest.raises(ValueError, match=want):
+            build()
 
 
 def test_bad_shapes_and_types():
@@ -264,11 +261,11 @@ def test_bad_shapes_and_types():
         nt_xent(torch.randn(0, 3), torch.randn(0, 3))
     with pytest.raises(ValueError, match="at least 2 rows.*got 1"):
         vicreg(torch.randn(1, 3), torch.randn(1, 3))
-    with pytest.raises(ValueError, match="eps must be"):
+    with pytest.raises(ValueError, match="eps must be > 0"):
         vicreg(a, a, eps=0.0)
-    with pytest.raises(ValueError, match="variance_convention"):
+    with pytest.raises(ValueError, match="variance_convention must be one of"):
         vicreg(a, a, variance_convention="paper")
-    with pytest.raises(ValueError, match="anchors"):
+    with pytest.raises(ValueError, match="anchors must be one of"):
         equivariant_nt_xent(a, a, anchors="targets")
 
 
