@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from star_heads._checks import check_bool, check_choice, check_float, check_float_tensor, check_int, choices
 from star_heads._value_checks import value_checks_enabled
+from star_heads.adapters._compile import eager_call
 from star_heads.adapters.factory import HeadKind, build_head
 from star_heads.adapters.output import AdapterOutput, split_loss, weighted_terms
 from star_heads.equivariance import AugParamNormalizer, EquivariantPredictor
@@ -127,11 +128,12 @@ class JointAdapter(nn.Module):
         self.monitor = CCAMonitor(every=cca_every) if cca_every and self.joint else None
 
     # ------------------------------------------------------------------ calls
-    @torch.compiler.disable(recursive=False)  # this frame stays eager; the forward it calls is compiled
+    @eager_call(host_side=("_observe",))  # eager under torch.compile; the forward it calls is compiled
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = super().__call__(*args, **kwargs)
         if isinstance(out, AdapterOutput) and out.cca_pending:  # a compiled forward: the monitor runs here
-            out.cca = self._observe(out.embeddings)
+            observe = getattr(type(self), "_observe_eager", type(self)._observe)
+            out.cca = observe(self, out.embeddings)
             out.cca_pending = False
         return out
 
@@ -254,7 +256,6 @@ class JointAdapter(nn.Module):
         a = self.normalizer(torch.cat([params1, params2]))
         return a.to(params1.dtype).chunk(2)
 
-    @torch.compiler.disable  # host-side bookkeeping: never traced
     def _observe(self, embeddings: dict[str, Tensor]) -> CCAResult | None:
         """Adds the step's global-view embeddings to the CCA monitor; a result every ``cca_every`` steps."""
         z_inv = torch.cat([embeddings["inv1"], embeddings["inv2"]]).detach()
