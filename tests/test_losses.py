@@ -286,3 +286,60 @@ def test_docs_examples_run():
     assert blocks
     for block in blocks:
         exec(compile(block, path, "exec"), {})
+
+
+# ----------------------------------------------------------------------------- degenerate inputs, argument types
+@pytest.mark.parametrize("fn", [nt_xent, equivariant_nt_xent, NTXentLoss(), EquivariantNTXentLoss()])
+def test_one_pair_has_no_negative_and_is_refused(fn):
+    with pytest.raises(ValueError, match=r"at least 2 rows .* no negative.*got shape \(1, 4\)"):
+        fn(torch.randn(1, 4), torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("fn", [nt_xent, equivariant_nt_xent, lambda a, b: vicreg(a, b), VICRegLoss()])
+def test_zero_width_embeddings_are_refused(fn):
+    with pytest.raises(ValueError, match=r"at least one embedding dimension, got shape \(4, 0\)"):
+        fn(torch.randn(4, 0), torch.randn(4, 0))
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 8), (4, 3, 3, 8)])
+def test_vicregl_shaped_input_is_named(shape):
+    z = torch.randn(*shape)
+    for fn in (lambda a, b: vicreg(a, b), VICRegLoss()):
+        with pytest.raises(ValueError, match=rf"z1 must be \[batch, dim\] embeddings, got {len(shape)} dimensions.*VICRegL"):
+            fn(z, z)
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: vicreg(torch.randn(4, 3), torch.randn(4, 3), eps="a"), "eps"),
+        (lambda: VICRegLoss(variance_convention=3), "variance_convention"),
+        (lambda: VICRegLoss(eps="a"), "eps"),
+        (lambda: VICRegLoss(return_terms=1), "return_terms"),
+        (lambda: EquivariantNTXentLoss(anchors=3), "anchors"),
+        (lambda: equivariant_nt_xent(torch.randn(4, 3), torch.randn(4, 3), anchors=3), "anchors"),
+        (lambda: EquivariantNTXentLoss(gather_distributed=1), "gather_distributed"),
+        (lambda: NTXentLoss(gather_distributed="yes"), "gather_distributed"),
+        (lambda: nt_xent(torch.randn(4, 3), torch.randn(4, 3), gather=1), "gather"),
+    ],
+)
+def test_wrong_argument_types_are_type_errors_in_the_house_style(build, name):
+    with pytest.raises(TypeError, match=rf"^{name} must be .*, got \w+ "):
+        build()
+
+
+def test_gather_needs_torch_distributed(monkeypatch):
+    import star_heads.distributed as sd
+
+    monkeypatch.setattr(sd.dist, "is_available", lambda: False)
+    for build in (lambda: NTXentLoss(gather_distributed=True), lambda: VICRegLoss(gather_distributed=True),
+                  lambda: EquivariantNTXentLoss(gather_distributed=True),
+                  lambda: nt_xent(torch.randn(4, 3), torch.randn(4, 3), gather=True)):
+        with pytest.raises(RuntimeError, match=r"gather(_distributed)?=True needs torch.distributed.*is_available\(\) is False"):
+            build()
+    NTXentLoss(gather_distributed=False)  # nothing to check
+
+
+def test_vicreg_output_as_dict_refuses_a_non_string_prefix():
+    with pytest.raises(TypeError, match="prefix must be a str, got NoneType"):
+        vicreg(torch.randn(4, 3), torch.randn(4, 3)).as_dict(None)

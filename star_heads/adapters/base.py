@@ -224,7 +224,8 @@ class JointAdapter(nn.Module):
             finite = torch.stack([torch.isfinite(t).all() for t in named.values()]).tolist()
             bad = [name for name, ok in zip(named, finite) if not ok]
             if bad:
-                raise ValueError(f"{', '.join(bad)} contain NaN or Inf values (check_finite)")
+                verb = "contains" if len(bad) == 1 else "contain"
+                raise ValueError(f"{', '.join(bad)} {verb} NaN or Inf values (check_finite)")
         return joint, local
 
     def _embed(self, hs: list[Tensor], task: str | None) -> list:
