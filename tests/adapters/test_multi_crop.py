@@ -13,20 +13,20 @@ from star_heads.losses import equivariant_nt_xent, nt_xent, vicreg
 B, D = 16, 12
 
 
-def _data(local, p=11, seed=0):
+def _data(local, p=11, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hs = [torch.randn(B, D, generator=g, requires_grad=True) for _ in range(3 + local)]
-    return hs[:3], [torch.rand(B, p, generator=g) for _ in range(2)], hs[3:]
+    hs = [torch.randn(B, D, generator=g).to(device).requires_grad_(True) for _ in range(3 + local)]
+    return hs[:3], [torch.rand(B, p, generator=g).to(device) for _ in range(2)], hs[3:]
 
 
 @pytest.mark.parametrize("cls", [SimCLRAdapter, VICRegAdapter])
 @pytest.mark.parametrize("local", [1, 3])
 @pytest.mark.parametrize("joint", [True, False])
-def test_multi_crop_loss_is_the_documented_pair_average(cls, local, joint):
+def test_multi_crop_loss_is_the_documented_pair_average(cls, local, joint, device):
     torch.manual_seed(0)
-    adapter = cls(D, num_experts=3, output_dim=6, cca_every=0, lam=0.5)
+    adapter = cls(D, num_experts=3, output_dim=6, cca_every=0, lam=0.5, device=device)
     ref = copy.deepcopy(adapter)
-    (h0, h1, h2), (p1, p2), h_local = _data(local)
+    (h0, h1, h2), (p1, p2), h_local = _data(local, device=device)
     kwargs = {"h0": h0, "params1": p1, "params2": p2} if joint else {}
     out = adapter(h1, h2, h_local=h_local, **kwargs)
 

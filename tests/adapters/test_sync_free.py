@@ -174,3 +174,23 @@ def test_float32_covariance_is_finite_where_the_naive_sum_overflows():
     var = np.var(base[:, 0].double().numpy(), ddof=1) * 1e18
     want = var**2 * (d - 1) * 2  # c(Z) + c(Z'): every Cov_ij equals the variance
     assert torch.isfinite(got) and got.item() == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_a_training_step_on_the_device_under_test(name, device):
+    """On ``pytest --device cuda`` the step runs under CUDA's own sync debugging (errors on a sync); on the CPU it
+    runs the same step and checks it trains the head."""
+    adapter = _adapter(name, "star", device=device, cca_every=1000)
+    hs, params = _inputs(device, local=1)
+    sync_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else None
+    if device.type == "cuda":
+        _step(adapter, hs[:3], params, True, local=hs[3:])  # warm-up (allocator, cuBLAS handles)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = _step(adapter, hs[:3], params, True, local=hs[3:])
+    finally:
+        if sync_mode is not None:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+    assert out.loss.device.type == device.type
+    assert all(p.grad is not None for p in adapter.predictor.parameters())
