@@ -123,7 +123,9 @@ class JointAdapter(nn.Module):
                 self.predictor = EquivariantPredictor(embed_dim, self.param_dim, kind=predictor)
                 if dtype is not None:
                     self.predictor.to(dtype=dtype)
-            self.normalizer = _build_normalizer(normalizer, self.param_dim)
+        self.normalizer = _build_normalizer(normalizer, self.param_dim)  # checks its constants on the host
+        if device is not None and self.normalizer is not None:
+            self.normalizer.to(device)
         self.inv_loss, self.eq_loss = loss, eq_loss
         self.monitor = CCAMonitor(every=cca_every) if cca_every and self.joint else None
 

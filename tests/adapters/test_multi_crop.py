@@ -130,3 +130,14 @@ def test_bad_local_crops_are_refused_before_any_state_changes(h_local, error, ma
     with pytest.raises(error, match=match):
         adapter(h1, h2, h0=h0, params1=p1, params2=p2, h_local=h_local)
     assert all(torch.equal(v, before[k]) for k, v in adapter.state_dict().items()) and adapter.monitor.steps == 0
+
+
+@pytest.mark.parametrize("normalizer", ["running", "stl10"])
+def test_device_and_dtype_reach_every_parameter_and_buffer(normalizer):
+    meta = VICRegAdapter(D, num_experts=2, output_dim=6, normalizer=normalizer, device="meta")
+    assert {t.device.type for t in [*meta.parameters(), *meta.buffers()]} == {"meta"}
+    wide = SimCLRAdapter(D, num_experts=2, output_dim=6, dtype=torch.float64, cca_every=0)
+    assert {p.dtype for p in wide.parameters()} == {torch.float64}
+    (h0, h1, h2), (p1, p2), _ = _data(0)
+    out = wide(h1.double(), h2.double(), h0=h0.double(), params1=p1.double(), params2=p2.double())
+    assert out.loss.dtype == torch.float64 and out.embeddings["pred1"].dtype == torch.float64
