@@ -104,6 +104,12 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2, *, gather: bool = 
 
     Returns:
         Scalar loss (float32, or float64 for float64 inputs).
+
+    Raises:
+        ValueError: Shapes differ, zero-width embeddings, or fewer than 2 (global) rows: one pair has no
+            negative, so the loss would be a constant.
+        TypeError: Non-float inputs, a non-number temperature, a non-bool ``gather``.
+        RuntimeError: ``gather=True`` in a torch build without torch.distributed.
     """
     temperature = _check_temperature(temperature)
     gather = _dist.check_gather(gather, "gather")
@@ -138,6 +144,9 @@ def equivariant_nt_xent(
 
     Returns:
         Scalar loss.
+
+    Raises:
+        ValueError / TypeError / RuntimeError: as :func:`nt_xent`; ``anchors`` not one of the choices.
     """
     temperature = _check_temperature(temperature)
     check_choice(anchors, "anchors", Anchors)
