@@ -20,7 +20,19 @@ A gather whose backward only returns the local slice of ``dL_r/dy`` (no sum; lig
 bug) drops the other ranks' contributions, so gradients through the gathered rows come out
 ``1/W`` too small. ``tests/test_distributed.py`` shows such a naive gather failing the check.
 
-Every helper is a no-op (identity / 1 / 0) when torch.distributed is not initialised.
+Every helper is a no-op (identity / 1 / 0) when torch.distributed is not initialised, so a loss built
+with ``gather_distributed=True`` runs unchanged in one process (as lightly's do); a torch build without
+torch.distributed is refused by :func:`check_gather` when such a loss is built or called.
+
+Shape check, once per shape
+---------------------------
+``all_gather`` needs the same shape on every rank; a mismatch hangs or corrupts the collective. :func:`gather`
+compares the ranks' shapes with one small collective (and a host read) the first time it sees a
+``(shape, dtype, world size)`` and remembers the answer, so a training loop pays it once per batch shape,
+not once per call. All ranks decide alike as long as their shapes change together (the usual case:
+``DistributedSampler`` gives every rank equally many samples, so a smaller last batch is smaller everywhere);
+a rank whose shape changes alone is not caught (as with lightly's and solo-learn's gathers, which do not
+check at all). :func:`clear_shape_cache` forgets what was checked.
 
 Process-group teardown
 ----------------------
@@ -41,7 +53,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "gather", "is_distributed", "rank", "world_size"]
+__all__ = ["all_reduce_sum", "check_gather", "clear_shape_cache", "gather", "is_distributed", "rank", "world_size"]
+
+_checked_shapes: set[tuple] = set()  # (shape, dtype, world size, group) whose equality across ranks is known
 
 if dist.is_available() and not dist.is_initialized():  # see "Process-group teardown" above
     try:
@@ -63,6 +77,31 @@ def world_size() -> int:
 def rank() -> int:
     """This process's rank in the default group (0 when not distributed)."""
     return dist.get_rank() if is_distributed() else 0
+
+
+def check_gather(value: object, name: str) -> bool:
+    """Validates a ``gather`` / ``gather_distributed`` flag: a bool, and True only where torch.distributed exists.
+
+    A Python-level check (no collective, no sync). Without an initialised process group a gathering loss is
+    the local loss of one process, so a multi-GPU config also runs on one device.
+
+    Raises:
+        TypeError: ``value`` is not a bool.
+        RuntimeError: ``value`` is True but this torch build has no torch.distributed.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    if value and not dist.is_available():
+        raise RuntimeError(
+            f"{name}=True needs torch.distributed, which this torch build does not have "
+            f"(torch.distributed.is_available() is False); pass {name}=False"
+        )
+    return value
+
+
+def clear_shape_cache() -> None:
+    """Forgets which shapes :func:`gather` has checked (the next call of each shape checks again)."""
+    _checked_shapes.clear()
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:
@@ -100,7 +139,8 @@ def gather(x: Tensor) -> Tensor:
     """Concatenates ``x`` from all ranks along dim 0, with gradients flowing back to each rank.
 
     See the module docstring for the exact gradient convention. All ranks must pass tensors of
-    the same shape (checked with one small extra collective; every rank raises together).
+    the same shape: checked with one small extra collective the first time a shape is seen
+    (every rank raises together), then remembered ("Shape check, once per shape" above).
 
     Args:
         x: Tensor ``[n, ...]``, the same shape on every rank.
@@ -114,12 +154,22 @@ def gather(x: Tensor) -> Tensor:
     """
     if not is_distributed() or world_size() == 1:
         return x
+    key = (tuple(x.shape), x.dtype, world_size(), id(dist.group.WORLD))
+    if key not in _checked_shapes:
+        _check_same_shape(x)
+        _checked_shapes.add(key)
+    return _Gather.apply(x)
+
+
+def _check_same_shape(x: Tensor) -> None:
+    """One all_gather of the shapes (and one host read): raises on every rank if any rank's shape differs."""
     if x.ndim > 8:
         raise ValueError(f"gather supports tensors of at most 8 dimensions, got {x.ndim}")
-    shape = torch.tensor([x.ndim, *x.shape, *([0] * (8 - x.ndim))], dtype=torch.int64, device=x.device)
+    header = [x.ndim, *x.shape, *([0] * (8 - x.ndim))]
+    shape = torch.tensor(header, dtype=torch.int64).to(x.device)
     shapes = [torch.empty_like(shape) for _ in range(world_size())]
     dist.all_gather(shapes, shape)
-    if any(not torch.equal(s, shapes[0]) for s in shapes):
-        got = [tuple(s[1 : 1 + int(s[0])].tolist()) for s in shapes]
+    rows = torch.stack(shapes).cpu().tolist()  # the one host read
+    if any(row != rows[0] for row in rows):
+        got = [tuple(row[1 : 1 + row[0]]) for row in rows]
         raise ValueError(f"gather needs the same shape on every rank, got shapes by rank {got}")
-    return _Gather.apply(x)

@@ -87,6 +87,22 @@ def _ddp_run(kind, data, state, rank, world_size):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+def _count_gather_collectives():
+    """all_gather calls of 5 gathers of one shape, then 2 of a new shape: the shape is checked once per shape."""
+    real, calls = dist.all_gather, []
+    dist.all_gather = lambda parts, x, *a, **k: (calls.append(x.dtype), real(parts, x, *a, **k))[1]
+    try:
+        sd.clear_shape_cache()
+        for _ in range(5):
+            sd.gather(torch.ones(4, 2))
+        first = list(calls)
+        for _ in range(2):
+            sd.gather(torch.ones(3, 2))
+    finally:
+        dist.all_gather = real
+    return first, calls
+
+
 def _worker(rank, world_size, data, state):
     out = {"rank": sd.rank(), "world_size": sd.world_size(), "is_distributed": sd.is_distributed()}
     # gather: forward concatenates in rank order; backward sums every rank's gradient
@@ -100,6 +116,7 @@ def _worker(rank, world_size, data, state):
         sd.gather(torch.zeros(2 + rank, 3))
     except ValueError as err:
         out["shape_error"] = str(err)
+    out["collectives"] = _count_gather_collectives()
     for kind in KINDS:
         out[kind] = _ddp_run(kind, data, state, rank, world_size)
     real = sd.gather
@@ -137,6 +154,9 @@ def test_gather_forward_backward(dist_results):
         torch.testing.assert_close(out["gather_grad"], 3 * w[3 * r : 3 * r + 3])
         assert out["all_reduce_sum"].item() == 3.0
         assert "same shape on every rank" in out["shape_error"] and "(2, 3)" in out["shape_error"]
+        first, calls = out["collectives"]
+        assert first == [torch.int64] + [torch.float32] * 5  # one shape check, then the data only
+        assert calls == first + [torch.int64] + [torch.float32] * 2  # a new shape: checked once more
 
 
 @pytest.mark.distributed

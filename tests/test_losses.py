@@ -84,7 +84,7 @@ def _pair(seed: int, b: int, d: int, dtype=torch.float64):
 
 
 # ----------------------------------------------------------------------------- against references
-@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 5), st.sampled_from([0.05, 0.2, 0.5, 1.0]))
+@given(st.integers(0, 10_000), st.integers(2, 6), st.integers(1, 5), st.sampled_from([0.05, 0.2, 0.5, 1.0]))
 def test_nt_xent_matches_reference(seed, b, d, tau):
     z1, z2 = _pair(seed, b, d)
     got = nt_xent(z1, z2, tau)
@@ -130,7 +130,7 @@ def test_gradients_match_finite_differences():
 
 
 # ----------------------------------------------------------------------------- properties
-@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 5))
+@given(st.integers(0, 10_000), st.integers(2, 6), st.integers(1, 5))
 def test_nt_xent_invariances(seed, b, d):
     z1, z2 = _pair(seed, b, d)
     base = nt_xent(z1, z2)
@@ -237,14 +237,11 @@ def test_memory_bank_is_refused_not_ignored(size):
 @pytest.mark.parametrize("tau", [0.0, -0.1, float("inf"), float("nan")])
 def test_bad_temperature(tau):
     z = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        nt_xent(z, z, tau)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        equivariant_nt_xent(z, z, tau)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        NTXentLoss(tau)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        EquivariantNTXentLoss(tau)
+    want = "temperature must be > 0" if math.isfinite(tau) else "temperature must be a finite number"
+    for build in (lambda: nt_xent(z, z, tau), lambda: equivariant_nt_xent(z, z, tau), lambda: NTXentLoss(tau),
+                  lambda: EquivariantNTXentLoss(tau)):
+        with pytest.raises(ValueError, match=want):
+            build()
 
 
 def test_bad_shapes_and_types():
@@ -264,11 +261,11 @@ def test_bad_shapes_and_types():
         nt_xent(torch.randn(0, 3), torch.randn(0, 3))
     with pytest.raises(ValueError, match="at least 2 rows.*got 1"):
         vicreg(torch.randn(1, 3), torch.randn(1, 3))
-    with pytest.raises(ValueError, match="eps must be"):
+    with pytest.raises(ValueError, match="eps must be > 0"):
         vicreg(a, a, eps=0.0)
-    with pytest.raises(ValueError, match="variance_convention"):
+    with pytest.raises(ValueError, match="variance_convention must be one of"):
         vicreg(a, a, variance_convention="paper")
-    with pytest.raises(ValueError, match="anchors"):
+    with pytest.raises(ValueError, match="anchors must be one of"):
         equivariant_nt_xent(a, a, anchors="targets")
 
 
@@ -289,3 +286,60 @@ def test_docs_examples_run():
     assert blocks
     for block in blocks:
         exec(compile(block, path, "exec"), {})
+
+
+# ----------------------------------------------------------------------------- degenerate inputs, argument types
+@pytest.mark.parametrize("fn", [nt_xent, equivariant_nt_xent, NTXentLoss(), EquivariantNTXentLoss()])
+def test_one_pair_has_no_negative_and_is_refused(fn):
+    with pytest.raises(ValueError, match=r"at least 2 rows .* no negative.*got shape \(1, 4\)"):
+        fn(torch.randn(1, 4), torch.randn(1, 4))
+
+
+@pytest.mark.parametrize("fn", [nt_xent, equivariant_nt_xent, lambda a, b: vicreg(a, b), VICRegLoss()])
+def test_zero_width_embeddings_are_refused(fn):
+    with pytest.raises(ValueError, match=r"at least one embedding dimension, got shape \(4, 0\)"):
+        fn(torch.randn(4, 0), torch.randn(4, 0))
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 8), (4, 3, 3, 8)])
+def test_vicregl_shaped_input_is_named(shape):
+    z = torch.randn(*shape)
+    for fn in (lambda a, b: vicreg(a, b), VICRegLoss()):
+        with pytest.raises(ValueError, match=rf"z1 must be \[batch, dim\] embeddings, got {len(shape)} dimensions.*VICRegL"):
+            fn(z, z)
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: vicreg(torch.randn(4, 3), torch.randn(4, 3), eps="a"), "eps"),
+        (lambda: VICRegLoss(variance_convention=3), "variance_convention"),
+        (lambda: VICRegLoss(eps="a"), "eps"),
+        (lambda: VICRegLoss(return_terms=1), "return_terms"),
+        (lambda: EquivariantNTXentLoss(anchors=3), "anchors"),
+        (lambda: equivariant_nt_xent(torch.randn(4, 3), torch.randn(4, 3), anchors=3), "anchors"),
+        (lambda: EquivariantNTXentLoss(gather_distributed=1), "gather_distributed"),
+        (lambda: NTXentLoss(gather_distributed="yes"), "gather_distributed"),
+        (lambda: nt_xent(torch.randn(4, 3), torch.randn(4, 3), gather=1), "gather"),
+    ],
+)
+def test_wrong_argument_types_are_type_errors_in_the_house_style(build, name):
+    with pytest.raises(TypeError, match=rf"^{name} must be .*, got \w+ "):
+        build()
+
+
+def test_gather_needs_torch_distributed(monkeypatch):
+    import star_heads.distributed as sd
+
+    monkeypatch.setattr(sd.dist, "is_available", lambda: False)
+    for build in (lambda: NTXentLoss(gather_distributed=True), lambda: VICRegLoss(gather_distributed=True),
+                  lambda: EquivariantNTXentLoss(gather_distributed=True),
+                  lambda: nt_xent(torch.randn(4, 3), torch.randn(4, 3), gather=True)):
+        with pytest.raises(RuntimeError, match=r"gather(_distributed)?=True needs torch.distributed.*is_available\(\) is False"):
+            build()
+    NTXentLoss(gather_distributed=False)  # nothing to check
+
+
+def test_vicreg_output_as_dict_refuses_a_non_string_prefix():
+    with pytest.raises(TypeError, match="prefix must be a str, got NoneType"):
+        vicreg(torch.randn(4, 3), torch.randn(4, 3)).as_dict(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from star_heads import distributed as _dist
 from star_heads.adapters.base import JointAdapter, LossFn
 from star_heads.losses import EquivariantNTXentLoss, NTXentLoss
 
@@ -39,6 +40,7 @@ class SimCLRAdapter(JointAdapter):
         eq_loss: LossFn | None = None,
         **kwargs: Any,
     ) -> None:
+        gather = _dist.check_gather(gather, "gather")
         super().__init__(
             input_dim,
             loss=loss or NTXentLoss(temperature, gather_distributed=gather),

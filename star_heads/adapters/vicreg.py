@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from star_heads import distributed as _dist
 from star_heads.adapters.base import JointAdapter, LossFn
 from star_heads.losses import vicreg
 from star_heads.losses.vicreg import _check_convention, _check_eps, _check_weight
@@ -50,8 +51,7 @@ class VICRegAdapter(JointAdapter):
     ) -> None:
         sim, var, cov = _check_weight(sim, "sim"), _check_weight(var, "var"), _check_weight(cov, "cov")
         eps, variance_convention = _check_eps(eps), _check_convention(variance_convention)  # at construction
-        if not isinstance(gather, bool):
-            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
+        gather = _dist.check_gather(gather, "gather")
         default = partial(
             vicreg, sim=sim, var=var, cov=cov, eps=eps, variance_convention=variance_convention, gather=gather
         )

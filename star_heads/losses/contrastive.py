@@ -6,7 +6,6 @@ width, ``q`` anchors (queries) on this rank, ``k = 2N`` keys (candidates) across
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from star_heads import distributed as _dist
-from star_heads._checks import check_float_tensor
+from star_heads._checks import check_choice, check_float_tensor, check_positive_float
+from star_heads.losses._numerics import full_precision
 
 __all__ = ["EquivariantNTXentLoss", "NTXentLoss", "equivariant_nt_xent", "nt_xent"]
 
@@ -23,14 +23,11 @@ Anchors = Literal["both", "first"]
 
 
 def _check_temperature(temperature: object) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
-    return float(temperature)
+    return check_positive_float(temperature, "temperature")
 
 
-def _check_pair(a: object, b: object, names: tuple[str, str]) -> tuple[Tensor, Tensor]:
+def _check_pair(a: object, b: object, names: tuple[str, str], gather: bool) -> tuple[Tensor, Tensor]:
+    """Two ``[rows, dim]`` float tensors of one shape, with at least one negative per anchor (shapes only)."""
     a = check_float_tensor(a, names[0], ndim=2)
     b = check_float_tensor(b, names[1], ndim=2)
     if a.shape != b.shape:
@@ -40,6 +37,14 @@ def _check_pair(a: object, b: object, names: tuple[str, str]) -> tuple[Tensor, T
         )
     if a.shape[0] < 1:
         raise ValueError(f"{names[0]} must hold at least one row, got shape {tuple(a.shape)}")
+    if a.shape[1] < 1:
+        raise ValueError(f"{names[0]} must have at least one embedding dimension, got shape {tuple(a.shape)}")
+    rows = a.shape[0] * (_dist.world_size() if gather else 1)
+    if rows < 2:
+        raise ValueError(
+            f"{names[0]} must hold at least 2 rows (global rows with gather=True): with one pair every anchor "
+            f"has only its positive and no negative, so the loss is a constant; got shape {tuple(a.shape)}"
+        )
     return a, b
 
 
@@ -52,7 +57,7 @@ def _pair_contrastive(a: Tensor, b: Tensor, temperature: float, gather: bool, an
     given) with autocast disabled.
     """
     dtype = torch.promote_types(a.dtype, torch.float32)
-    with torch.autocast(device_type=a.device.type, enabled=False):
+    with full_precision(a.device.type):
         qa = F.normalize(a.to(dtype), dim=1)  # [n, d]
         qb = F.normalize(b.to(dtype), dim=1)  # [n, d]
         n = qa.shape[0]
@@ -72,7 +77,7 @@ def _pair_contrastive(a: Tensor, b: Tensor, temperature: float, gather: bool, an
         else:
             queries, self_idx, pos_idx = qa, local, local + big_n
         logits = queries @ keys.T / temperature  # [q, 2N]
-        is_self = F.one_hot(self_idx, num_classes=2 * big_n).bool()
+        is_self = self_idx[:, None] == torch.arange(2 * big_n, device=a.device)  # [q, 2N]; no value check, no sync
         logits = logits.masked_fill(is_self, float("-inf"))
         return F.cross_entropy(logits, pos_idx)
 
@@ -99,9 +104,16 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2, *, gather: bool = 
 
     Returns:
         Scalar loss (float32, or float64 for float64 inputs).
+
+    Raises:
+        ValueError: Shapes differ, zero-width embeddings, or fewer than 2 (global) rows: one pair has no
+            negative, so the loss would be a constant.
+        TypeError: Non-float inputs, a non-number temperature, a non-bool ``gather``.
+        RuntimeError: ``gather=True`` in a torch build without torch.distributed.
     """
     temperature = _check_temperature(temperature)
-    z1, z2 = _check_pair(z1, z2, ("z1", "z2"))
+    gather = _dist.check_gather(gather, "gather")
+    z1, z2 = _check_pair(z1, z2, ("z1", "z2"), gather)
     return _pair_contrastive(z1, z2, temperature, gather, "both")
 
 
@@ -132,11 +144,14 @@ def equivariant_nt_xent(
 
     Returns:
         Scalar loss.
+
+    Raises:
+        ValueError / TypeError / RuntimeError: as :func:`nt_xent`; ``anchors`` not one of the choices.
     """
     temperature = _check_temperature(temperature)
-    if anchors not in ("both", "first"):
-        raise ValueError(f"anchors must be 'both' or 'first', got {anchors!r}")
-    targets, predictions = _check_pair(targets, predictions, ("targets", "predictions"))
+    check_choice(anchors, "anchors", Anchors)
+    gather = _dist.check_gather(gather, "gather")
+    targets, predictions = _check_pair(targets, predictions, ("targets", "predictions"), gather)
     return _pair_contrastive(targets, predictions, temperature, gather, anchors)
 
 
@@ -169,9 +184,7 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = _check_temperature(temperature)
         _check_no_memory_bank(memory_bank_size)
-        if not isinstance(gather_distributed, bool):
-            raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = _dist.check_gather(gather_distributed, "gather_distributed")
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         return nt_xent(out0, out1, self.temperature, gather=self.gather_distributed)
@@ -205,10 +218,8 @@ class EquivariantNTXentLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
-        if anchors not in ("both", "first"):
-            raise ValueError(f"anchors must be 'both' or 'first', got {anchors!r}")
-        self.gather_distributed = bool(gather_distributed)
-        self.anchors: Anchors = anchors
+        self.anchors: Anchors = check_choice(anchors, "anchors", Anchors)
+        self.gather_distributed = _dist.check_gather(gather_distributed, "gather_distributed")
 
     def forward(self, targets: Tensor, predictions: Tensor) -> Tensor:
         return equivariant_nt_xent(

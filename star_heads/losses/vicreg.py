@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from star_heads import distributed as _dist
-from star_heads._checks import check_float_tensor
+from star_heads._checks import check_bool, check_choice, check_float, check_float_tensor, check_positive_float
+from star_heads.losses._numerics import full_precision, off_diagonal_square_mean
 
 __all__ = ["VICRegLoss", "VICRegOutput", "vicreg"]
 
@@ -39,7 +39,9 @@ class VICRegOutput:
         return {"invariance": self.invariance, "variance": self.variance, "covariance": self.covariance}
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """``{prefix + "loss": float, prefix + "invariance": float, ...}``: Python floats for a logger."""
+        """``{prefix + "loss": float, prefix + "invariance": float, ...}``: Python floats for a logger (a host sync)."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__} {prefix!r}")
         out = {"loss": self.loss, **self.terms()}
         return {f"{prefix}{k}": float(v.detach()) for k, v in out.items()}
 
@@ -51,32 +53,35 @@ def _variance_term(z: Tensor, eps: float) -> Tensor:
 
 
 def _covariance_term(z: Tensor) -> Tensor:
-    """``c(Z) = (1/d) sum_{i != j} Cov(Z)_ij^2`` with the unbiased covariance."""
-    n, d = z.shape
-    centred = z - z.mean(dim=0)
-    cov = centred.T @ centred / (n - 1)  # [d, d]
-    off_diagonal = ~torch.eye(d, dtype=torch.bool, device=z.device)
-    return cov.pow(2).masked_select(off_diagonal).sum() / d
+    """``c(Z) = (1/d) sum_{i != j} Cov(Z)_ij^2`` with the unbiased covariance (overflow-safe, sync-free)."""
+    return off_diagonal_square_mean(z)
 
 
 def _check_weight(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
-    return float(value)
+    return check_float(value, name, minimum=0.0)
 
 
 def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a float > 0 (sqrt(Var + eps) needs it for finite gradients), got {eps!r}")
-    return float(eps)
+    """``eps > 0``: with 0 the gradient of sqrt(Var + eps) is infinite on a collapsed dimension."""
+    return check_positive_float(eps, "eps")
 
 
 def _check_convention(convention: object) -> VarianceConvention:
-    if convention not in ("lightly", "solo"):
-        raise ValueError(f"variance_convention must be 'lightly' or 'solo', got {convention!r}")
-    return convention  # type: ignore[return-value]
+    return check_choice(convention, "variance_convention", VarianceConvention)
+
+
+def _check_embeddings(z: object, name: str) -> Tensor:
+    """A ``[batch, dim]`` float tensor; a 3-D or 4-D input is named as VICRegL's local features."""
+    if isinstance(z, Tensor) and z.ndim in (3, 4):
+        raise ValueError(
+            f"{name} must be [batch, dim] embeddings, got {z.ndim} dimensions with shape {tuple(z.shape)}: per-location "
+            "features ([batch, locations, dim] or [batch, H, W, dim]) are VICRegL's input; use lightly.loss.VICRegLLoss "
+            "for them, or pool them to [batch, dim]"
+        )
+    z = check_float_tensor(z, name, ndim=2)
+    if z.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one embedding dimension, got shape {tuple(z.shape)}")
+    return z
 
 
 def vicreg(
@@ -103,7 +108,10 @@ def vicreg(
 
     Numerics: computed in float32 (float64 inputs stay float64) with autocast disabled, so bf16
     autocast does not reach the statistics; ``eps > 0`` keeps values and gradients finite on
-    collapsed (constant) embeddings.
+    collapsed (constant) embeddings. The covariance term is computed on embeddings divided by
+    their largest centred entry and scaled back at the end, so it is finite whenever its value
+    fits the result dtype (the naive ``Cov²`` overflows float32 at entries of about 1e19).
+    No host sync: the diagonal is removed with a fixed-shape mask.
 
     Distributed (``gather=True``, equal batch sizes on all ranks): the invariance term is the MSE
     over this rank's pairs; the variance and covariance terms are computed on the gathered global
@@ -122,17 +130,17 @@ def vicreg(
         :class:`VICRegOutput` with ``.loss`` and the three unweighted terms.
 
     Raises:
-        ValueError: Shapes differ, the (global) batch has fewer than 2 rows, ``eps <= 0``, or an
-            unknown convention.
-        TypeError: Non-float inputs.
+        ValueError: Shapes differ, the (global) batch has fewer than 2 rows, zero-width embeddings,
+            3-D / 4-D (VICRegL-style per-location) inputs, ``eps <= 0``, or an unknown convention.
+        TypeError: Non-float inputs, or an argument of the wrong type (``eps="a"``, ``gather=1``).
+        RuntimeError: ``gather=True`` in a torch build without torch.distributed.
     """
     sim, var, cov = _check_weight(sim, "sim"), _check_weight(var, "var"), _check_weight(cov, "cov")
     eps = _check_eps(eps)
     convention = _check_convention(variance_convention)
-    if not isinstance(gather, bool):
-        raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
-    z1 = check_float_tensor(z1, "z1", ndim=2)
-    z2 = check_float_tensor(z2, "z2", ndim=2)
+    gather = _dist.check_gather(gather, "gather")
+    z1 = _check_embeddings(z1, "z1")
+    z2 = _check_embeddings(z2, "z2")
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must have the same shape [batch, dim], got {tuple(z1.shape)} and {tuple(z2.shape)}")
     rows = z1.shape[0] * (_dist.world_size() if gather else 1)
@@ -141,7 +149,7 @@ def vicreg(
             f"vicreg needs a batch of at least 2 rows for the variance (global batch when gather=True), got {rows}"
         )
     dtype = torch.promote_types(z1.dtype, torch.float32)
-    with torch.autocast(device_type=z1.device.type, enabled=False):
+    with full_precision(z1.device.type):
         a, b = z1.to(dtype), z2.to(dtype)
         invariance = F.mse_loss(a, b)
         if gather:
@@ -188,12 +196,10 @@ class VICRegLoss(nn.Module):
         self.lambda_param = _check_weight(lambda_param, "lambda_param")
         self.mu_param = _check_weight(mu_param, "mu_param")
         self.nu_param = _check_weight(nu_param, "nu_param")
-        if not isinstance(gather_distributed, bool):
-            raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = _dist.check_gather(gather_distributed, "gather_distributed")
         self.eps = _check_eps(eps)
         self.variance_convention = _check_convention(variance_convention)
-        self.return_terms = bool(return_terms)
+        self.return_terms = check_bool(return_terms, "return_terms")
 
     def forward(self, z0: Tensor, z1: Tensor) -> Tensor | VICRegOutput:
         out = vicreg(

@@ -163,10 +163,14 @@ def test_bad_construction():
         SimCLRAdapter(16, head="moe")
     with pytest.raises(ValueError, match="temperature"):
         SimCLRAdapter(16, temperature=0.0)
-    with pytest.raises(ValueError, match="lam must be a finite float >= 0, got -1.0"):
+    with pytest.raises(ValueError, match="lam must be >= 0.0, got -1.0"):
         SimCLRAdapter(16, lam=-1.0)
-    with pytest.raises(ValueError, match="normalizer must be"):
+    with pytest.raises(ValueError, match="normalizer must be one of"):
         SimCLRAdapter(16, normalizer="imagenet")
+    with pytest.raises(TypeError, match="normalizer must be one of .* got int"):
+        SimCLRAdapter(16, normalizer=3)
+    with pytest.raises(ValueError, match="'stl10' holds the published 11-D constants, but param_dim is 12"):
+        SimCLRAdapter(16, normalizer="stl10", param_dim=12)
 
 
 def test_state_dict_round_trip_includes_normaliser():

@@ -65,7 +65,7 @@ def test_losses_on_any_shape_and_dtype(b, d, b2, d2, dtype):
     a = torch.randn(b, d).to(dtype)
     c = torch.randn(b2, d2).to(dtype)
     for name, fn in [("nt_xent", nt_xent), ("equivariant_nt_xent", equivariant_nt_xent), ("vicreg", lambda x, y: vicreg(x, y).loss)]:
-        ok = dtype.is_floating_point and (b, d) == (b2, d2) and b >= (2 if name == "vicreg" else 1)
+        ok = dtype.is_floating_point and (b, d) == (b2, d2) and b >= 2  # one row: no negative / no variance
         if ok:
             out = fn(a, c)
             assert out.ndim == 0 and math.isfinite(out.item())
@@ -102,3 +102,52 @@ def test_adapter_calls_on_any_shape(b, d, p, which, dtype):
         adapter(args.pop("h1"), args.pop("h2"), **args)
     assert which in str(info.value) or (which == "h1" and "h1" in str(info.value))
     assert all(torch.equal(v, before[k]) for k, v in adapter.state_dict().items())  # nothing changed
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"view_batching": 3}, "view_batching"),
+        ({"cca_every": 1.5}, "cca_every"),
+        ({"param_dim": "11"}, "param_dim"),
+        ({"check_finite": "no"}, "check_finite"),
+        ({"gather": 1}, "gather"),
+        ({"lam": "1"}, "lam"),
+    ],
+)
+def test_adapter_arguments_of_the_wrong_type_are_type_errors(kwargs, name):
+    with pytest.raises(TypeError, match=rf"^{name} must be .*, got \w+ "):
+        SimCLRAdapter(8, num_experts=2, output_dim=4, **kwargs)
+
+
+def test_adapter_choices_of_the_wrong_value_are_value_errors():
+    with pytest.raises(ValueError, match=r"view_batching must be one of \('separate', 'concat'\), got 'both'"):
+        SimCLRAdapter(8, num_experts=2, output_dim=4, view_batching="both")
+    with pytest.raises(ValueError, match="cca_every must be >= 0, got -1"):
+        VICRegAdapter(8, num_experts=2, output_dim=4, cca_every=-1)
+
+
+def test_gathering_adapters_need_torch_distributed(monkeypatch):
+    import star_heads.distributed as sd
+
+    monkeypatch.setattr(sd.dist, "is_available", lambda: False)
+    for cls in (SimCLRAdapter, VICRegAdapter):
+        with pytest.raises(RuntimeError, match=r"gather=True needs torch.distributed"):
+            cls(8, num_experts=2, output_dim=4, gather=True)
+
+
+def test_finite_check_is_opt_in_and_names_the_input():
+    import star_heads
+
+    g = torch.Generator().manual_seed(0)
+    h = [torch.randn(6, 8, generator=g) for _ in range(3)]
+    p = [torch.rand(6, 11, generator=g) for _ in range(2)]
+    p[1][2, 4] = float("nan")
+    quiet = SimCLRAdapter(8, num_experts=2, output_dim=4, cca_every=0)
+    assert quiet(h[1], h[2], h0=h[0], params1=p[0], params2=p[1]).loss.isnan()  # unchecked: NaN shows in the loss
+    for adapter, switch in [(SimCLRAdapter(8, num_experts=2, output_dim=4, check_finite=True), False),
+                            (SimCLRAdapter(8, num_experts=2, output_dim=4), True)]:
+        before = {k: v.clone() for k, v in adapter.state_dict().items()}
+        with star_heads.value_checks(switch), pytest.raises(ValueError, match=r"^params2 contains NaN or Inf"):
+            adapter(h[1], h[2], h0=h[0], params1=p[0], params2=p[1])
+        assert all(torch.equal(v, before[k]) for k, v in adapter.state_dict().items())
