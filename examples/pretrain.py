@@ -269,8 +269,12 @@ def build_model(cfg: dict[str, Any], device: torch.device, world: int = 1) -> tu
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if cfg["compile"]:  # in place: DDP and Fabric wrap the compiled module, the state_dict keys stay
-        model.compile(backend=cfg.get("compile_backend", "inductor"))
+    if cfg["compile"]:  # in place (DDP and Fabric wrap the compiled modules, the state_dict keys stay); backbone
+        # and adapter apart: the adapter's __call__ is an eager frame (its CCA bookkeeping stays out of the graph),
+        # so compiling the whole model would break the graph there
+        backend = cfg.get("compile_backend", "inductor")
+        model.backbone.compile(backend=backend)
+        model.adapter.compile(backend=backend)
     return model, feat_dim
 
 
