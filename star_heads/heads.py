@@ -30,7 +30,7 @@ from star_heads._checks import check_bool, check_float_tensor, check_layer, chec
 from star_heads._precision import autocast_dtype
 from star_heads.experts import ExpertBank
 from star_heads.routing import SoftRouter
-from star_heads.sizing import count_parameters, fit_width
+from star_heads.sizing import DEFAULT_NUM_EXPERTS, count_parameters, drop_in_size, on_meta
 
 __all__ = [
     "HeadOutput",
@@ -288,10 +288,10 @@ def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bia
     """The bank's layer options, type-checked under the names the user gave them."""
     return {
         "norm_layer": check_layer(norm_layer, "norm_layer"),
-        "act_layer": check_layer(act_layer, "act_layer", optional=False),
+        "act_layer": check_layer(act_layer, "act_layer"),
         "last_norm_layer": check_layer(last_norm_layer, "last_norm_layer"),
         "last_bias": check_bool(last_bias, "last_bias"),
-        "hidden_bias": check_bool(hidden_bias, "hidden_bias"),
+        "hidden_bias": hidden_bias,  # a bool, or one per hidden layer: checked by the bank
     }
 
 
@@ -357,10 +357,13 @@ class _LightlyDropIn(_DefaultTaskHead):
     """A STAR head sized from a lightly projection head's arguments.
 
     ``hidden_dim`` is the replaced lightly head's hidden width. The experts' hidden width
-    ``expert_hidden_dim`` defaults to the largest width at which the whole STAR head (N experts + routers)
-    has at most twice the parameters of that lightly head — the budget of the two heads (invariant and
-    equivariant) that STAR replaces. Pass ``expert_hidden_dim=hidden_dim`` for the paper's per-expert shape
-    (every expert as wide as the lightly head, as in the STAR paper's setup), at N times the parameters.
+    ``expert_hidden_dim`` defaults to the package's one sizing rule (:func:`~star_heads.sizing.drop_in_size`,
+    table in docs/heads.md): the largest width, a multiple of 8 where the budget allows, at which the whole STAR
+    head (N experts + routers) has at most twice the parameters of that lightly head — the budget of the two
+    heads (invariant and equivariant) that STAR replaces. ``num_experts`` defaults to 8 (4 or 2 only where 8
+    experts of width 1 exceed that budget). Pass ``expert_hidden_dim=hidden_dim`` for the paper's per-expert
+    shape (every expert as wide as the lightly head, as in the STAR paper's setup), at about N times the
+    parameters.
     """
 
     def __init__(
@@ -372,7 +375,7 @@ class _LightlyDropIn(_DefaultTaskHead):
         batch_norm: bool,
         last_batch_norm: bool,
         *,
-        num_experts: int,
+        num_experts: int | None,
         expert_hidden_dim: int | None,
         tasks: Sequence[str],
         **options: Any,
@@ -384,35 +387,21 @@ class _LightlyDropIn(_DefaultTaskHead):
         norm = options.pop("norm_layer", nn.BatchNorm1d if batch_norm else None)
         if not batch_norm and norm not in (None, nn.Identity):
             raise ValueError(f"batch_norm=False contradicts norm_layer={norm!r}; pass one of them")
-        config = dict(num_experts=num_experts, tasks=tasks, norm_layer=norm, **options)
+        config = dict(tasks=tasks, norm_layer=norm, **options)
         if expert_hidden_dim is None:
-            expert_hidden_dim = _budget_width(
-                lambda h: MMoEHead(input_dim, h, output_dim, num_layers, **_on_meta(config)),
-                lightly_projection_mlp(
-                    input_dim, hidden_dim, output_dim, num_layers, batch_norm, last_batch_norm, device="meta"
-                ),
+            lightly = lightly_projection_mlp(
+                input_dim, hidden_dim, output_dim, num_layers, batch_norm, last_batch_norm, device="meta"
             )
+            expert_hidden_dim, num_experts = drop_in_size(
+                lambda h, n: MMoEHead(input_dim, h, output_dim, num_layers, num_experts=n, **on_meta(config)),
+                count_parameters(lightly), num_experts,
+            )
+        config["num_experts"] = DEFAULT_NUM_EXPERTS if num_experts is None else num_experts
         super().__init__(input_dim, expert_hidden_dim, output_dim, num_layers, **config)
         self.lightly_hidden_dim = hidden_dim
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lightly_hidden_dim={self.lightly_hidden_dim}"
-
-
-def _on_meta(options: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: v for k, v in options.items() if k not in ("device", "dtype")}, "device": "meta"}
-
-
-def _budget_width(build, lightly_head: nn.Module) -> int:
-    """Largest expert hidden width whose head has at most 2× the parameters of ``lightly_head``."""
-    budget = 2 * count_parameters(lightly_head)
-    try:
-        return fit_width(build, budget, mode="at_most", name="expert_hidden_dim")
-    except ValueError as err:
-        raise ValueError(
-            f"the default expert width gives the STAR head at most 2x the {budget // 2:,} parameters of the lightly "
-            f"head it replaces, and none fits ({err}); pass expert_hidden_dim= explicitly"
-        ) from None
 
 
 class STARSimCLRProjectionHead(_LightlyDropIn):
@@ -427,10 +416,11 @@ class STARSimCLRProjectionHead(_LightlyDropIn):
     Args:
         input_dim, hidden_dim, output_dim, num_layers, batch_norm: As lightly's head (``hidden_dim`` sizes
             the parameter budget; ``num_layers >= 2``).
-        num_experts: N.
-        expert_hidden_dim: Hidden width of every expert. Default: the largest width at which the STAR head
-            has at most twice the parameters of lightly's head with the same arguments (the two heads STAR
-            replaces); ``expert_hidden_dim=hidden_dim`` gives the paper's per-expert shape.
+        num_experts: N (default 8; 4 or 2 where 8 experts do not fit the default budget).
+        expert_hidden_dim: Hidden width of every expert. Default: the largest width (a multiple of 8 where the
+            budget allows) at which the STAR head has at most twice the parameters of lightly's head with the same
+            arguments (the two heads STAR replaces); ``expert_hidden_dim=hidden_dim`` gives the paper's
+            per-expert shape.
         tasks: Task names.
         **options: As :class:`MMoEHead` (``norm_layer``, ``act_layer``, router options, ...).
     """
@@ -443,7 +433,7 @@ class STARSimCLRProjectionHead(_LightlyDropIn):
         num_layers: int = 2,
         batch_norm: bool = True,
         *,
-        num_experts: int = 8,
+        num_experts: int | None = None,
         expert_hidden_dim: int | None = None,
         tasks: Sequence[str] = ("inv", "eq"),
         **options: Any,
@@ -468,7 +458,7 @@ class STARVICRegProjectionHead(_LightlyDropIn):
         output_dim: int = 8192,
         num_layers: int = 3,
         *,
-        num_experts: int = 8,
+        num_experts: int | None = None,
         expert_hidden_dim: int | None = None,
         tasks: Sequence[str] = ("inv", "eq"),
         **options: Any,
