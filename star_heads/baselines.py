@@ -20,7 +20,7 @@ from torch import nn
 from star_heads._checks import check_positive_int
 from star_heads.experts import ExpertBank
 from star_heads.heads import TaskHead, _layer_options
-from star_heads.sizing import FLOP_RTOL, PARAM_RTOL, count_parameters, fit_width, linear_macs
+from star_heads.sizing import FLOP_RTOL, PARAM_RTOL, count_parameters, fit_width, linear_macs, on_meta
 
 __all__ = ["SeparateHeads", "SharedSpecificHead"]
 
@@ -32,7 +32,7 @@ class SeparateHeads(TaskHead):
 
     Args:
         input_dim: Backbone feature size d.
-        hidden_dim: Hidden width of each MLP.
+        hidden_dim: Hidden width of each MLP (default ``input_dim``, as :class:`~star_heads.STARHead`).
         output_dim: Embedding size.
         num_layers: Linear layers per MLP.
         tasks: Task names, one MLP each.
@@ -45,13 +45,13 @@ class SeparateHeads(TaskHead):
     def __init__(
         self,
         input_dim: int,
-        hidden_dim: int,
-        output_dim: int,
+        hidden_dim: int | None = None,
+        output_dim: int = 128,
         num_layers: int = 3,
         *,
         tasks: Sequence[str] = ("inv", "eq"),
         norm_layer: type[nn.Module] | None = nn.BatchNorm1d,
-        act_layer: type[nn.Module] = nn.ReLU,
+        act_layer: type[nn.Module] | None = nn.ReLU,
         last_norm_layer: type[nn.Module] | None = None,
         last_bias: bool = True,
         hidden_bias: bool = False,
@@ -60,6 +60,7 @@ class SeparateHeads(TaskHead):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
+        hidden_dim = input_dim if hidden_dim is None else hidden_dim
         options = {
             **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), "device": device, "dtype": dtype,
         }
@@ -127,7 +128,7 @@ class SharedSpecificHead(TaskHead):
 
     Args:
         input_dim: Backbone feature size d.
-        hidden_dim: Expert hidden width.
+        hidden_dim: Expert hidden width (default ``input_dim``, as :class:`~star_heads.STARHead`).
         output_dim: Embedding size.
         num_layers: Linear layers per expert.
         tasks: Task names.
@@ -140,13 +141,13 @@ class SharedSpecificHead(TaskHead):
     def __init__(
         self,
         input_dim: int,
-        hidden_dim: int,
-        output_dim: int,
+        hidden_dim: int | None = None,
+        output_dim: int = 128,
         num_layers: int = 3,
         *,
         tasks: Sequence[str] = ("inv", "eq"),
         norm_layer: type[nn.Module] | None = nn.BatchNorm1d,
-        act_layer: type[nn.Module] = nn.ReLU,
+        act_layer: type[nn.Module] | None = nn.ReLU,
         last_norm_layer: type[nn.Module] | None = None,
         last_bias: bool = True,
         hidden_bias: bool = False,
@@ -155,6 +156,7 @@ class SharedSpecificHead(TaskHead):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
+        hidden_dim = input_dim if hidden_dim is None else hidden_dim
         t = self.num_tasks
         self.experts = ExpertBank(
             t + 1, input_dim, hidden_dim, output_dim, num_layers,
@@ -195,10 +197,8 @@ def _param_matched(cls, reference, input_dim, output_dim, num_layers, tasks, mul
         what = type(reference).__name__
     else:
         target, target_macs, what = check_positive_int(reference, "reference"), None, "the reference"
-    meta = {k: v for k, v in options.items() if k not in ("device", "dtype")}
-
     def build(width: int) -> TaskHead:
-        return cls(input_dim, width, output_dim, num_layers, tasks=tasks, **meta, device="meta")
+        return cls(input_dim, width, output_dim, num_layers, tasks=tasks, **on_meta(options))
 
     try:
         width = fit_width(build, target, multiple_of=multiple_of)

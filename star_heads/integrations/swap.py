@@ -46,13 +46,10 @@ class ProjectorSpec:
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def options(self) -> dict[str, Any]:
-        opts = {
-            "norm_layer": self.norm_layer, "last_norm_layer": self.last_norm_layer, "last_bias": self.last_bias,
-            "hidden_bias": self.hidden_bias,
+        return {
+            "norm_layer": self.norm_layer, "act_layer": self.act_layer, "last_norm_layer": self.last_norm_layer,
+            "last_bias": self.last_bias, "hidden_bias": self.hidden_bias,
         }
-        if self.act_layer is not None:
-            opts["act_layer"] = self.act_layer
-        return opts
 
 
 def projector_shape(projector: nn.Module) -> tuple[int, int, int, int]:

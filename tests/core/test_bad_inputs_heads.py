@@ -55,7 +55,7 @@ def test_constructor_sizes(kind, name, value):
     if kind in ("separate", "shared") and name == "num_experts":
         return
     sizes[name] = value
-    if kind == "star" and name == "hidden_dim" and value is None:  # documented default: input_dim
+    if kind in ("star", "separate", "shared") and name == "hidden_dim" and value is None:  # default: input_dim
         assert _build(kind, sizes).hidden_dim == sizes["input_dim"]
         return
     if _valid_size(name, value):
