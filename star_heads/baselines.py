@@ -19,7 +19,7 @@ from torch import nn
 
 from star_heads._checks import check_positive_int
 from star_heads.experts import ExpertBank
-from star_heads.heads import TaskHead, _layer_options
+from star_heads.heads import TaskHead, _layer_options, bank_forward
 from star_heads.sizing import FLOP_RTOL, PARAM_RTOL, count_parameters, fit_width, linear_macs, on_meta
 
 __all__ = ["SeparateHeads", "SharedSpecificHead"]
@@ -115,7 +115,7 @@ class SeparateHeads(TaskHead):
         return cls(input_dim, hidden_dim, output_dim, 3, **kwargs)
 
     def _embed(self, x, task_indices, need_gates, need_experts):
-        outs = [self.heads[self.tasks[i]](x) for i in task_indices]  # each [b, 1, o]
+        outs = [bank_forward(self.heads[self.tasks[i]], x) for i in task_indices]  # each [b, 1, o]
         z = rearrange(torch.cat(outs, dim=1), "b t o -> t b o")
         return z, None, (rearrange(z, "t b o -> b t o") if need_experts else None)
 
@@ -184,9 +184,9 @@ class SharedSpecificHead(TaskHead):
     def _embed(self, x, task_indices, need_gates, need_experts):
         gates = self.mixing[task_indices].to(x.dtype).expand(x.shape[0], -1, -1)  # [b, t, n]
         if need_experts:
-            z, experts = self.experts(x, gates, return_expert_outputs=True)
+            z, experts = bank_forward(self.experts, x, gates, return_expert_outputs=True)
             return z, gates, experts
-        return self.experts(x, gates), gates, None
+        return bank_forward(self.experts, x, gates), gates, None
 
 
 def _param_matched(cls, reference, input_dim, output_dim, num_layers, tasks, multiple_of, options):

@@ -26,8 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from star_heads._checks import check_bool, check_float_tensor, check_layer, check_names, check_positive_int
-from star_heads._precision import autocast_dtype
+from star_heads._checks import (
+    check_batch_for_batch_norm,
+    check_bool,
+    check_float_tensor,
+    check_input_dtype,
+    check_layer,
+    check_names,
+    check_positive_int,
+)
+from star_heads._value_checks import value_checks_enabled
 from star_heads.experts import ExpertBank
 from star_heads.routing import SoftRouter
 from star_heads.sizing import DEFAULT_NUM_EXPERTS, count_parameters, drop_in_size, on_meta
@@ -144,30 +152,27 @@ class TaskHead(nn.Module):
         if len(indices) == 1 and not (return_gates or return_expert_outputs):
             return z[0]
         embeddings = {self.tasks[i]: z[j] for j, i in enumerate(indices)}
+        if torch.jit.is_tracing():  # the tracer records tensors, not a mapping keyed by task names
+            raise TypeError(
+                f"torch.jit.trace of a {type(self).__name__} with several tasks: trace one task, e.g. "
+                f"torch.jit.trace(head.single_task({self.tasks[0]!r}), x), or use torch.compile / torch.export"
+            )
         return HeadOutput(embeddings, gates if return_gates else None, experts if return_expert_outputs else None)
 
     def check_input(self, x: object) -> torch.Tensor:
-        """Validates backbone features ``x`` in the user's terms (shape, dtype, batch size, finiteness)."""
+        """The one check of ``head(x)``: backbone features ``x`` in the user's terms (shape, dtype, batch size,
+        finiteness). Layers below it (router, expert bank) run unchecked."""
         check_float_tensor(x, "x", sizes=(None, self.input_dim))
         if x.shape[0] == 0:
             raise ValueError(f"x must hold at least one sample, got an empty batch of shape {tuple(x.shape)}")
         ref = next(self.parameters(), None)
-        if ref is not None and x.dtype != ref.dtype and autocast_dtype(x.device.type) is None:
-            raise TypeError(
-                f"x has dtype {x.dtype} but the head's parameters are {ref.dtype}: cast the features "
-                f"(x.to({ref.dtype})), the head (head.to({x.dtype})), or run under torch.autocast"
-            )
-        if self.training and x.shape[0] == 1 and self._has_batch_norm():
-            raise ValueError(
-                f"x has a batch of 1 (shape {tuple(x.shape)}): BatchNorm in training mode needs at least 2 samples; "
-                "use a larger batch, call head.eval(), or build the head with norm_layer=nn.LayerNorm or None"
-            )
-        if self.check_finite:
+        if ref is not None:
+            check_input_dtype(x, ref.dtype, "x", "head")
+        if self.training:
+            check_batch_for_batch_norm(x, self)
+        if value_checks_enabled(self.check_finite):
             check_float_tensor(x, "x", finite=True)
         return x
-
-    def _has_batch_norm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training for m in self.modules())
 
     def _embed(
         self, x: torch.Tensor, task_indices: list[int], need_gates: bool, need_experts: bool
@@ -184,9 +189,13 @@ class TaskHead(nn.Module):
 
     def _check_loaded_tasks(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         key = prefix + "task_names"
-        if key not in state_dict:  # a checkpoint saved before task names were stored: nothing to check
-            state_dict[key] = self.task_names
-            return
+        if key not in state_dict:
+            raise ValueError(
+                f"{type(self).__name__}: the state_dict has no {key!r}, so the task order of its per-task weights "
+                f"cannot be checked against this head's tasks {self.tasks}; load a state_dict saved from a "
+                f"{type(self).__name__} (it stores the task names), or add state_dict[{key!r}] = head.task_names "
+                "yourself if you know the orders agree"
+            )
         try:
             saved = tuple(json.loads(bytes(state_dict[key].tolist()).decode()))
         except (ValueError, TypeError, AttributeError):
@@ -198,8 +207,34 @@ class TaskHead(nn.Module):
                 f"Build the head with tasks={saved!r}."
             )
 
+    def single_task(self, task: str) -> nn.Module:
+        """A module whose ``forward(x)`` is ``head(x, task=task)``, sharing this head's parameters (for
+        ``torch.jit.trace``, or code that expects ``projector(x) -> Tensor``)."""
+        self.task_index(task)
+        return _SingleTask(self, task)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward takes task names and returns "
+            "a mapping or a Tensor); use torch.compile, or torch.jit.trace(head.single_task('inv'), x)"
+        )
+
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}"
+
+
+class _SingleTask(nn.Module):
+    """``forward(x) = head(x, task=task)`` (see :meth:`TaskHead.single_task`)."""
+
+    def __init__(self, head: TaskHead, task: str) -> None:
+        super().__init__()
+        self.head, self.task = head, task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x, task=self.task)  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"task={self.task!r}"
 
 
 class MMoEHead(TaskHead):
@@ -271,17 +306,24 @@ class MMoEHead(TaskHead):
         return self.experts.hidden_dim
 
     def _embed(self, x, task_indices, need_gates, need_experts):
+        # x was checked once by TaskHead.check_input: the router and the bank run unchecked
         single = len(task_indices) == 1 and self.num_tasks > 1
-        gates = self.router(x, task_indices[0] if single else None)  # [b, t, n]
+        gates = self.router._gates(x, task_indices[0] if single else None)  # [b, t, n]
         if need_experts:
-            z, experts = self.experts(x, gates, return_expert_outputs=True)  # [t, b, o], [b, n, o]
+            z, experts = bank_forward(self.experts, x, gates, return_expert_outputs=True)  # [t, b, o], [b, n, o]
             return z, gates, experts
-        return self.experts(x, gates), gates, None
+        return bank_forward(self.experts, x, gates), gates, None
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Router gates ``[B, T, N]`` alone (cheap: the experts are not evaluated)."""
         self.check_input(x)
-        return self.router(x)
+        return self.router._gates(x)
+
+
+def bank_forward(bank: ExpertBank, x: torch.Tensor, gates: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    """The bank's unchecked forward, for a head whose input was checked by :meth:`TaskHead.check_input`."""
+    run = getattr(bank, "_forward", None)
+    return bank(x, gates, **kwargs) if run is None else run(x, gates, **kwargs)
 
 
 def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias=False) -> dict[str, Any]:
