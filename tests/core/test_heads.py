@@ -208,7 +208,7 @@ def test_head_validates_x_once_and_runs_its_layers_unchecked(monkeypatch):
     if hasattr(ExpertBank, "_forward"):  # the bank's unchecked path
         monkeypatch.setattr(ExpertBank, "forward", checked)
     torch.manual_seed(0)
-    for head in (STARHead(6, 4, num_experts=3), SeparateHeads(6), SharedSpecificHead(6)):
+    for head in (STARHead(6, 4, num_experts=3), SeparateHeads(6, output_dim=4), SharedSpecificHead(6, output_dim=4)):
         x = torch.randn(5, 6)
         out = head(x, return_gates=True, return_expert_outputs=True)
         assert out["inv"].shape == out["eq"].shape == (5, 4)
