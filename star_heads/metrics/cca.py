@@ -29,7 +29,8 @@ import torch
 from star_heads.metrics.covariance import (
     gram,
     magnitude,
-    power_of_two_scale,
+    host_scale_exponent,
+    times_power_of_two,
     rounding_floor,
     shrink_factors,
     view_spectrum,
@@ -62,8 +63,8 @@ def _prepare(view: torch.Tensor, name: str, out: torch.Tensor | None = None) -> 
     top = float(magnitude(view))
     if not math.isfinite(top):
         raise ValueError(f"{name} contains NaN or Inf values")
-    out = view.detach().to(torch.float64, copy=True) if out is None else out.copy_(view.detach())
-    out.mul_(power_of_two_scale(top))  # exact: no overflow or underflow in the Gram matrix
+    scaled = times_power_of_two(view, -host_scale_exponent(top))  # exact: no overflow or underflow in the Gram matrix
+    out = scaled if out is None else out.copy_(scaled)
     out.sub_(out.mean(dim=0, keepdim=True))
     return out.sub_(out.mean(dim=0, keepdim=True))  # again: removes the rounding of the first mean
 
