@@ -113,7 +113,7 @@ def check_bool(value: object, name: str) -> bool:
     return bool(value)
 
 
-def choices(literal: Any) -> tuple:
+def choices(literal: Any) -> tuple[Any, ...]:
     """The allowed values of a ``typing.Literal`` (or a sequence of values), as a tuple."""
     args = typing.get_args(literal)
     return tuple(args) if args else tuple(literal)

@@ -62,7 +62,9 @@ class SeparateHeads(TaskHead):
         super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
         hidden_dim = input_dim if hidden_dim is None else hidden_dim
         options = {
-            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), "device": device, "dtype": dtype,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias),
+            "device": device,
+            "dtype": dtype,
         }
         self.heads = nn.ModuleDict(
             {t: ExpertBank(1, input_dim, hidden_dim, output_dim, num_layers, **options) for t in self.tasks}
@@ -159,8 +161,14 @@ class SharedSpecificHead(TaskHead):
         hidden_dim = input_dim if hidden_dim is None else hidden_dim
         t = self.num_tasks
         self.experts = ExpertBank(
-            t + 1, input_dim, hidden_dim, output_dim, num_layers,
-            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), device=device, dtype=dtype,
+            t + 1,
+            input_dim,
+            hidden_dim,
+            output_dim,
+            num_layers,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias),
+            device=device,
+            dtype=dtype,
         )
         self.hidden_dim = hidden_dim
         mixing = torch.cat([torch.eye(t, device=device), torch.ones(t, 1, device=device)], dim=1)  # [t, t+1]
@@ -197,6 +205,7 @@ def _param_matched(cls, reference, input_dim, output_dim, num_layers, tasks, mul
         what = type(reference).__name__
     else:
         target, target_macs, what = check_positive_int(reference, "reference"), None, "the reference"
+
     def build(width: int) -> TaskHead:
         return cls(input_dim, width, output_dim, num_layers, tasks=tasks, **on_meta(options))
 

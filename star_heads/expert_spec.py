@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 
 from star_heads.expert_layers import norm_options
@@ -97,7 +96,7 @@ class ExpertSpec:
             "hidden_bias": self.hidden_bias, "last_bias": self.last_bias,
         }
 
-    def signature(self) -> tuple:
+    def signature(self) -> tuple[Any, ...]:
         """What two experts must share to be fused: shapes, biases, dtypes, norm and activation options."""
         return (
             tuple((b.linear.in_features, b.linear.out_features, b.linear.bias is not None, b.linear.weight.dtype)
@@ -162,8 +161,11 @@ def _check_chain(blocks: list[Block], where: str) -> None:
                 f"{where}: Linear {i} takes {b.linear.in_features} features but Linear {i - 1} gives "
                 f"{blocks[i - 1].linear.out_features}: the widths do not chain"
             )
-        if b.norm is not None and norm_options(b.norm)[1] != b.linear.out_features:
-            raise ValueError(f"{where}: {b.norm!r} after Linear {i} does not normalise its {b.linear.out_features} features")
+        options = None if b.norm is None else norm_options(b.norm)
+        if options is not None and options[1] != b.linear.out_features:
+            raise ValueError(
+                f"{where}: {b.norm!r} after Linear {i} does not normalise its {b.linear.out_features} features"
+            )
     if blocks[-1].act is not None:
         raise ValueError(
             f"{where}: an activation after the last Linear ({blocks[-1].act!r}) is not supported; an expert ends in "
@@ -177,7 +179,9 @@ def _check_chain(blocks: list[Block], where: str) -> None:
     ):
         keys = [key(b) for b in hidden]
         if any(k != keys[0] for k in keys):
-            raise ValueError(f"{where}: the hidden blocks differ: every hidden block must have the same {name}, got {keys}")
+            raise ValueError(
+                f"{where}: the hidden blocks differ: every hidden block must have the same {name}, got {keys}"
+            )
 
 
 def norm_spec(norm: nn.Module | None) -> Any:
@@ -189,8 +193,13 @@ def norm_spec(norm: nn.Module | None) -> Any:
     if isinstance(norm, nn.LayerNorm):
         return partial(nn.LayerNorm, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
     assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
-    return partial(type(norm), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                   track_running_stats=norm.track_running_stats)
+    return partial(
+        type(norm),
+        eps=norm.eps,
+        momentum=norm.momentum,
+        affine=norm.affine,
+        track_running_stats=norm.track_running_stats,
+    )
 
 
 def activation_spec(act: nn.Module | None) -> Any:
@@ -200,7 +209,7 @@ def activation_spec(act: nn.Module | None) -> Any:
     return partial(type(act), **dict(_activation_options(act)))
 
 
-def activation_key(act: Any) -> tuple | None:
+def activation_key(act: Any) -> tuple[Any, ...] | None:
     """What identifies an activation's behaviour (a module, class or partial): its class and options."""
     if act is None:
         return None
@@ -241,7 +250,7 @@ def make_activation(act_layer: Any) -> nn.Module:
     else:
         act = act_layer()
     if hasattr(act, "inplace"):
-        act.inplace = True
+        setattr(act, "inplace", True)  # noqa: B010  (an attribute of some activation classes only)
     return act
 
 
@@ -249,5 +258,5 @@ def export_activation(act: nn.Module) -> nn.Module:
     """A standalone copy of the bank's activation (``inplace`` back to torch's default; same results)."""
     single = copy.deepcopy(act)
     if hasattr(single, "inplace"):
-        single.inplace = False
+        setattr(single, "inplace", False)  # noqa: B010
     return single

@@ -184,7 +184,9 @@ class ExpertBank(nn.Module):
             raise ValueError("from_modules needs at least one expert, got an empty sequence")
         for j, e in enumerate(experts):
             if not isinstance(e, nn.Sequential):
-                raise TypeError(f"expert {j} must be an nn.Sequential of Linear/norm/activation modules, got {type(e).__name__}")
+                raise TypeError(
+                    f"expert {j} must be an nn.Sequential of Linear/norm/activation modules, got {type(e).__name__}"
+                )
         specs = [parse_expert(list(e), f"expert {j}") for j, e in enumerate(experts)]
         for j, spec in enumerate(specs[1:], start=1):
             if spec.signature() != specs[0].signature():
@@ -192,7 +194,12 @@ class ExpertBank(nn.Module):
                     f"expert {j} differs from expert 0 in structure, options or shapes: {experts[j]} vs {experts[0]}"
                 )
         first = specs[0].blocks[0].linear.weight
-        options = {**specs[0].options(), "num_layers": specs[0].num_layers, "device": first.device, "dtype": first.dtype}
+        options = {
+            **specs[0].options(),
+            "num_layers": specs[0].num_layers,
+            "device": first.device,
+            "dtype": first.dtype,
+        }
         options.update(kwargs)
         bank = cls(len(experts), specs[0].input_dim, specs[0].hidden_dim, specs[0].output_dim, **options)
         for k, spec in enumerate(specs):

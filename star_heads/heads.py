@@ -162,17 +162,17 @@ class TaskHead(nn.Module):
     def check_input(self, x: object) -> torch.Tensor:
         """The one check of ``head(x)``: backbone features ``x`` in the user's terms (shape, dtype, batch size,
         finiteness). Layers below it (router, expert bank) run unchecked."""
-        check_float_tensor(x, "x", sizes=(None, self.input_dim))
-        if x.shape[0] == 0:
-            raise ValueError(f"x must hold at least one sample, got an empty batch of shape {tuple(x.shape)}")
+        t = check_float_tensor(x, "x", sizes=(None, self.input_dim))
+        if t.shape[0] == 0:
+            raise ValueError(f"x must hold at least one sample, got an empty batch of shape {tuple(t.shape)}")
         ref = next(self.parameters(), None)
         if ref is not None:
-            check_input_dtype(x, ref.dtype, "x", "head")
+            check_input_dtype(t, ref.dtype, "x", "head")
         if self.training:
-            check_batch_for_batch_norm(x, self)
+            check_batch_for_batch_norm(t, self)
         if value_checks_enabled(self.check_finite):
-            check_float_tensor(x, "x", finite=True)
-        return x
+            check_float_tensor(t, "x", finite=True)
+        return t
 
     def _embed(
         self, x: torch.Tensor, task_indices: list[int], need_gates: bool, need_experts: bool
@@ -231,7 +231,8 @@ class _SingleTask(nn.Module):
         self.head, self.task = head, task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x, task=self.task)  # type: ignore[return-value]
+        z: torch.Tensor = self.head(x, task=self.task)
+        return z
 
     def extra_repr(self) -> str:
         return f"task={self.task!r}"
@@ -287,7 +288,7 @@ class MMoEHead(TaskHead):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.experts = ExpertBank(
             num_experts, input_dim, hidden_dim, output_dim, num_layers,
             **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), **factory,
@@ -338,8 +339,8 @@ def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bia
 
 
 class STARHead(MMoEHead):
-    """MMoE head with the STAR paper's defaults (its experimental setup, arXiv 2510.27222): hidden = input_dim, output 128,
-    3 layers, tasks inv/eq, N = 8.
+    """MMoE head with the STAR paper's defaults (its experimental setup, arXiv 2510.27222): hidden = input_dim,
+    output 128, 3 layers, tasks inv/eq, N = 8.
 
     Experts are ``d → d → d → 128`` MLPs (Linear no bias → BN → ReLU, twice, then Linear with bias, no
     output norm); routers are ``Linear(d → N)`` + softmax (STAR, Sec. 3). Other options as :class:`MMoEHead`.
@@ -363,7 +364,7 @@ class STARHead(MMoEHead):
 class _DefaultTaskHead(MMoEHead):
     """MMoE head whose ``head(x)`` returns the ``"inv"`` Tensor (lightly-style drop-in)."""
 
-    def forward(self, x, task="inv", **kwargs):  # type: ignore[override]
+    def forward(self, x, task="inv", **kwargs):
         """As :meth:`TaskHead.forward`, but ``task`` defaults to ``"inv"``; pass ``task=None`` for all tasks."""
         return super().forward(x, task, **kwargs)
 

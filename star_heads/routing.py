@@ -137,7 +137,8 @@ def _keep_top_k(gates: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RoutingStats:
-    """What users log to see expert specialisation (the STAR paper, arXiv 2510.27222, analyses experts as shared vs task-specific).
+    """What users log to see expert specialisation (the STAR paper, arXiv 2510.27222, analyses experts as shared vs
+    task-specific).
 
     Attributes:
         mean_gate: ``[T, N]`` mean gate of each expert for each task (rows sum to 1): the expert's load.

@@ -18,6 +18,7 @@ router settings) is accounted for without a hand-written formula.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 from torch import nn
@@ -135,7 +136,9 @@ def on_meta(options: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in options.items() if k not in ("device", "dtype")}, "device": "meta"}
 
 
-def drop_in_hidden_dim(build: Callable[[int], nn.Module], replaced_params: int, *, name: str = "expert_hidden_dim") -> int:
+def drop_in_hidden_dim(
+    build: Callable[[int], nn.Module], replaced_params: int, *, name: str = "expert_hidden_dim"
+) -> int:
     """The default hidden width of a STAR head that replaces a head of ``replaced_params`` parameters.
 
     The largest width at which ``build(width)`` has at most :data:`DROP_IN_FACTOR` (2) times ``replaced_params``
@@ -162,8 +165,16 @@ def drop_in_hidden_dim(build: Callable[[int], nn.Module], replaced_params: int, 
     return width // 8 * 8 if width >= 8 else width
 
 
+def _with_experts(build: Callable[[int, int], nn.Module], num_experts: int, width: int) -> nn.Module:
+    return build(width, num_experts)
+
+
 def drop_in_size(
-    build: Callable[[int, int], nn.Module], replaced_params: int, num_experts: int | None, *, name: str = "expert_hidden_dim"
+    build: Callable[[int, int], nn.Module],
+    replaced_params: int,
+    num_experts: int | None,
+    *,
+    name: str = "expert_hidden_dim",
 ) -> tuple[int, int]:
     """``(hidden width, num_experts)`` of a drop-in STAR head: :func:`drop_in_hidden_dim` at ``num_experts``, or
     at :data:`DEFAULT_NUM_EXPERTS` (8) when None — then 4 or 2 where the routers and 8 experts of width 1 alone
@@ -173,7 +184,7 @@ def drop_in_size(
         return drop_in_hidden_dim(lambda w: build(w, n), replaced_params, name=name), n
     for n in (DEFAULT_NUM_EXPERTS, 4, 2):
         try:
-            return drop_in_hidden_dim(lambda w: build(w, n), replaced_params, name=name), n
+            return drop_in_hidden_dim(partial(_with_experts, build, n), replaced_params, name=name), n
         except ValueError:
             if n == 2:
                 raise

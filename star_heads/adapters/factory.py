@@ -59,8 +59,8 @@ def build_head(
         num_layers: Linear layers per expert / MLP.
         match_params: Size a baseline kind to the STAR head of the same arguments.
         **options: Flat layer options valid for every kind (``norm_layer``, ``act_layer``,
-            ``last_norm_layer``, ``last_bias``, ``hidden_bias``, ``check_finite``, ``device``, ``dtype``) and router options
-            (``temperature``, ``learn_temperature``, ``conditional``, ``top_k``) valid for ``"star"`` or
+            ``last_norm_layer``, ``last_bias``, ``hidden_bias``, ``check_finite``, ``device``, ``dtype``) and router
+            options (``temperature``, ``learn_temperature``, ``conditional``, ``top_k``) valid for ``"star"`` or
             with ``match_params``.
 
     Raises:
@@ -92,13 +92,27 @@ def build_head(
         if hidden_dim is None:  # the one sizing rule: at most 2x the single-task head of the same arguments
             single = SeparateHeads(input_dim, input_dim, output_dim, num_layers, tasks=("inv",), **on_meta(options))
             hidden, n = drop_in_size(
-                lambda h, k: STARHead(input_dim, output_dim, num_experts=k, hidden_dim=h, num_layers=num_layers,
-                                      **router, **on_meta(options)),
-                count_parameters(single), num_experts, name="hidden_dim",
+                lambda h, k: STARHead(
+                    input_dim,
+                    output_dim,
+                    num_experts=k,
+                    hidden_dim=h,
+                    num_layers=num_layers,
+                    **router,
+                    **on_meta(options),
+                ),
+                count_parameters(single),
+                num_experts,
+                name="hidden_dim",
             )
         star = STARHead(
-            input_dim, output_dim, num_experts=DEFAULT_NUM_EXPERTS if n is None else n, hidden_dim=hidden,
-            num_layers=num_layers, **router, **(options if kind == "star" else on_meta(options)),
+            input_dim,
+            output_dim,
+            num_experts=DEFAULT_NUM_EXPERTS if n is None else n,
+            hidden_dim=hidden,
+            num_layers=num_layers,
+            **router,
+            **(options if kind == "star" else on_meta(options)),
         )
         if kind == "star":
             return star

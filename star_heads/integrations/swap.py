@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 
 from star_heads._checks import check_bool
@@ -139,7 +138,9 @@ def swap_projector(
     old = _get(module, attr)
     spec = projector_spec(old, drop_hidden_bias=drop_hidden_bias)
     if spec.num_layers < 2:
-        raise ValueError(f"{type(old).__name__}: a single Linear projector has no hidden layer to share; nothing to swap")
+        raise ValueError(
+            f"{type(old).__name__}: a single Linear projector has no hidden layer to share; nothing to swap"
+        )
     momentum = None
     if momentum_attr is not None:
         momentum = _get(module, momentum_attr)
@@ -151,12 +152,20 @@ def swap_projector(
     config = {**spec.options(), **factory, **options}
     if expert_hidden_dim is None:
         expert_hidden_dim, num_experts = drop_in_size(
-            lambda h, n: MMoEHead(spec.input_dim, h, spec.output_dim, spec.num_layers, num_experts=n, **on_meta(config)),
-            count_parameters(old), num_experts,
+            lambda h, n: MMoEHead(
+                spec.input_dim, h, spec.output_dim, spec.num_layers, num_experts=n, **on_meta(config)
+            ),
+            count_parameters(old),
+            num_experts,
         )
     head = STARSimCLRProjectionHead(
-        spec.input_dim, spec.hidden_dim, spec.output_dim, spec.num_layers,
-        num_experts=num_experts, expert_hidden_dim=expert_hidden_dim, **config,
+        spec.input_dim,
+        spec.hidden_dim,
+        spec.output_dim,
+        spec.num_layers,
+        num_experts=num_experts,
+        expert_hidden_dim=expert_hidden_dim,
+        **config,
     )
     head.train(old.training)
     if momentum is not None:
@@ -167,7 +176,7 @@ def swap_projector(
             target = target.to(device=ref.device, dtype=ref.dtype)
         target.requires_grad_(not frozen)
         target.train(momentum.training)
-        setattr(module, momentum_attr, target)
+        setattr(module, str(momentum_attr), target)
     setattr(module, attr, head)
     return head
 
@@ -182,20 +191,34 @@ def _get(module: nn.Module, attr: str) -> nn.Module:
 
 
 def _comparable(spec: ProjectorSpec) -> tuple:
-    return (spec.input_dim, spec.hidden_dim, spec.output_dim, spec.num_layers, _key(spec.norm_layer),
-            _key(spec.act_layer), _key(spec.last_norm_layer), spec.last_bias, spec.hidden_bias)
+    return (
+        spec.input_dim,
+        spec.hidden_dim,
+        spec.output_dim,
+        spec.num_layers,
+        _key(spec.norm_layer),
+        _key(spec.act_layer),
+        _key(spec.last_norm_layer),
+        spec.last_bias,
+        spec.hidden_bias,
+    )
 
 
 def _layers(projector: nn.Module) -> list[nn.Module]:
     """The flat layer list of a Sequential or a lightly ProjectionHead (whose forward is ``self.layers(x)``)."""
     if not isinstance(projector, nn.Module):
         raise TypeError(f"projector must be an nn.Module, got {type(projector).__name__}")
-    lightly = any(c.__name__ == "ProjectionHead" and c.__module__.startswith("lightly") for c in type(projector).__mro__)
-    if lightly and isinstance(getattr(projector, "layers", None), nn.Sequential):
-        projector = projector.layers
+    lightly = any(
+        c.__name__ == "ProjectionHead" and c.__module__.startswith("lightly") for c in type(projector).__mro__
+    )
+    layers = getattr(projector, "layers", None)
+    if lightly and isinstance(layers, nn.Sequential):
+        projector = layers
     if not isinstance(projector, nn.Sequential):
         if not any(isinstance(m, nn.Linear) for m in projector.modules()):
-            raise ValueError(f"cannot read the shape of projector {type(projector).__name__}: it has no nn.Linear layers")
+            raise ValueError(
+                f"cannot read the shape of projector {type(projector).__name__}: it has no nn.Linear layers"
+            )
         raise TypeError(
             f"cannot read the architecture of {type(projector).__name__}: its forward is its own; expected an "
             "nn.Sequential or a lightly ProjectionHead"

@@ -23,16 +23,17 @@ direction by s/sqrt(s² + ridge·mean(s²)). Also SVCCA (Raghu et al., 2017) and
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from star_heads.metrics.covariance import (
     gram,
-    magnitude,
     host_scale_exponent,
-    times_power_of_two,
+    magnitude,
     rounding_floor,
     shrink_factors,
+    times_power_of_two,
     view_spectrum,
     whitened_correlations,
 )
@@ -141,7 +142,7 @@ def canonical_correlations(
         return _correlations(_prepare_pair(x, y), x.shape[1], tol, ridge)
 
 
-def mean_canonical_correlation(x: torch.Tensor, y: torch.Tensor, **kwargs: float | None) -> torch.Tensor:
+def mean_canonical_correlation(x: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Plain mean of the min(rank_x, rank_y) canonical correlations (0-d float64 tensor).
 
     ρ̄ = (1/k) Σ_i ρ_i, the statistic by which STAR (arXiv 2510.27222) measures redundancy between

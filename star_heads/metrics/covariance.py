@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 SPREAD_LIMIT = 1e6
-"""Largest λ_max / λ_min among kept directions for which the covariance route is trusted (tests: within 1e-10 of a QR oracle)."""
+"""Largest λ_max / λ_min among kept directions for which the covariance route is trusted (tests: within 1e-10 of a
+QR oracle)."""
 
 DROP_MARGIN = 1e-2
 """Dropped directions must lie a factor 100 below the cut-off (λ <= 1e-2 · rank_tol² · λ_max) to be trusted."""
@@ -200,4 +201,5 @@ def whitened_correlations(
     t = wx.T @ cross @ wy
     if fx is not None and fy is not None:
         t = t * fx[:, None] * fy[None, :]
-    return torch.linalg.svdvals(t).clamp_(0.0, 1.0)
+    rho: torch.Tensor = torch.linalg.svdvals(t).clamp_(0.0, 1.0)
+    return rho

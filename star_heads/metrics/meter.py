@@ -150,7 +150,9 @@ class CCAMeter(nn.Module):
 
     def _check_not_synced(self, action: str) -> None:
         if self._synced:
-            raise RuntimeError(f"cannot {action} a synced CCAMeter (it holds every rank's samples): call unsync() first")
+            raise RuntimeError(
+                f"cannot {action} a synced CCAMeter (it holds every rank's samples): call unsync() first"
+            )
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         self._check_not_synced("save")
@@ -195,11 +197,15 @@ class CCAMeter(nn.Module):
         mine, theirs = self._estimator(), other._estimator()
         if mine != theirs:
             diff = ", ".join(f"{k}={theirs[k]!r} vs {v!r}" for k, v in mine.items() if theirs[k] != v)
-            raise ValueError(f"cannot merge a CCAMeter with other options into this one ({diff}): their samples "
-                             "would be read with another estimator")
+            raise ValueError(
+                f"cannot merge a CCAMeter with other options into this one ({diff}): their samples "
+                "would be read with another estimator"
+            )
         if other is self:
-            raise ValueError("cannot merge a CCAMeter into itself (it would count its samples twice); "
-                             "merge copy.deepcopy(meter) if that is what you want")
+            raise ValueError(
+                "cannot merge a CCAMeter into itself (it would count its samples twice); "
+                "merge copy.deepcopy(meter) if that is what you want"
+            )
         self._check_not_synced("merge into")
         other._check_not_synced("merge")
         with torch.no_grad():
@@ -283,8 +289,9 @@ class CCAMeter(nn.Module):
                 svcca = min(float(sv.mean()), 1.0) if sv.numel() else 0.0
         mean = min(float(rho.mean()), 1.0) if rho.numel() else 0.0  # a mean of values <= 1 can round above 1
         null = null_mean_canonical_correlation(st.n, fx, fy) if self.null_baseline else None
-        return CCAResult(mean=mean, correlations=rho, rank_x=sx.rank, rank_y=sy.rank, n=st.n, null_mean=null,
-                         svcca=svcca)
+        return CCAResult(
+            mean=mean, correlations=rho, rank_x=sx.rank, rank_y=sy.rank, n=st.n, null_mean=null, svcca=svcca
+        )
 
     def extra_repr(self) -> str:
         return f"p={self.p}, q={self.q}, ridge={self.ridge}, n={self.n}" + (", synced" if self._synced else "")
@@ -292,4 +299,6 @@ class CCAMeter(nn.Module):
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """Autocast disabled for float64 statistics (nothing to disable where it is off, e.g. on ``meta``)."""
-    return contextlib.nullcontext() if autocast_dtype(device_type) is None else torch.autocast(device_type, enabled=False)
+    return (
+        contextlib.nullcontext() if autocast_dtype(device_type) is None else torch.autocast(device_type, enabled=False)
+    )

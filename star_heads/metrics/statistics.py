@@ -58,7 +58,7 @@ class CCAStatistics(nn.Module):
         super().__init__()
         self.p, self.q, self.n = p, q, 0
         d = p + q
-        f64 = {"dtype": torch.float64, "device": device}
+        f64: dict[str, Any] = {"dtype": torch.float64, "device": device}
         self.register_buffer("exponent", torch.full((2,), -float(EXPONENT_LIMIT), **f64))
         self.register_buffer("shift", torch.zeros(d, **f64))
         self.register_buffer("total", torch.zeros(d, **f64))

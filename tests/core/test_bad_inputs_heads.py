@@ -286,7 +286,7 @@ def test_swap_projector_represents_exactly_or_refuses(names, bias):
     kept = [m for m in layers if not isinstance(m, nn.Identity)]
     expert = list(head.experts.to_modules()[0])
     assert [type(m) for m in expert] == [type(m) for m in kept]
-    for i, (old, new) in enumerate(zip(kept, expert)):
+    for old, new in zip(kept, expert):
         if isinstance(old, nn.Linear):
             assert (old.bias is None) == (new.bias is None)
         if isinstance(old, (nn.BatchNorm1d, nn.LayerNorm)):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import loop_outputs
 from torch import nn
 
-from oracle import loop_outputs
 from star_heads.expert_layers import ExpertLayerNorm, ExpertLinear, export_norm, load_norm, make_expert_norm
 from star_heads.experts import ExpertBank
 

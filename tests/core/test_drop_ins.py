@@ -5,7 +5,6 @@ import inspect
 
 import pytest
 import torch
-from torch import nn
 
 from star_heads import STARSimCLRProjectionHead, STARVICRegProjectionHead
 from star_heads.heads import lightly_projection_mlp

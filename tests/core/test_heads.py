@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle import loop_mixture
 from torch import nn
 
-from oracle import loop_mixture
 from star_heads.baselines import SeparateHeads, SharedSpecificHead
 from star_heads.heads import HeadOutput, MMoEHead, STARHead, STARSimCLRProjectionHead, STARVICRegProjectionHead
 from star_heads.optim import param_groups

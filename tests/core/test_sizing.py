@@ -11,7 +11,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from star_heads import SeparateHeads, SharedSpecificHead, STARHead, build_head
-from star_heads.sizing import DROP_IN_FACTOR, FLOP_RTOL, PARAM_RTOL, count_parameters, drop_in_hidden_dim, fit_width, linear_macs
+from star_heads.sizing import (
+    DROP_IN_FACTOR,
+    FLOP_RTOL,
+    PARAM_RTOL,
+    count_parameters,
+    drop_in_hidden_dim,
+    fit_width,
+    linear_macs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,6 @@
 last-layer norm and bias, device/dtype; momentum projectors replaced consistently; the rest refused."""
 
 import copy
-from functools import partial
 
 import pytest
 import torch

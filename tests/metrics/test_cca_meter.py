@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from cca_oracle import cca_orth, planted
+from dist_utils import run_distributed
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cca_oracle import cca_orth, planted
-from dist_utils import run_distributed
 from star_heads.metrics import (
     CCAMeter,
     CCAMonitor,
