@@ -39,6 +39,8 @@ __all__ = [
     "FLOP_RTOL",
 ]
 
+FitMode = Literal["nearest", "at_most"]
+"""How :func:`fit_width` picks a width: the nearest parameter count, or the largest at most the budget."""
 PARAM_RTOL = 0.05
 """Relative tolerance of a parameter-matched baseline's parameter count."""
 FLOP_RTOL = 0.10
@@ -75,7 +77,7 @@ def fit_width(
     build: Callable[[int], nn.Module],
     budget: int,
     *,
-    mode: Literal["nearest", "at_most"] = "nearest",
+    mode: FitMode = "nearest",
     multiple_of: int = 1,
     name: str = "hidden_dim",
 ) -> int:
@@ -101,7 +103,7 @@ def fit_width(
     """
     budget = check_positive_int(budget, "budget")
     multiple_of = check_positive_int(multiple_of, "multiple_of")
-    check_choice(mode, "mode", ("nearest", "at_most"))
+    check_choice(mode, "mode", FitMode)
 
     def count(k: int) -> int:
         return count_parameters(build(k * multiple_of))

@@ -1,4 +1,4 @@
-"""ExpertBank.to_modules / from_modules are exact or refuse (issue 12.1), and per-expert slicing lives in the layers."""
+"""ExpertBank.to_modules / from_modules are exact or refuse, and per-expert slicing lives in the layers."""
 
 from functools import partial
 
@@ -28,7 +28,7 @@ def _assert_same_function(bank, modules, x, train=False):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),  # the hidden bias used to be dropped
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),  # a hidden bias is kept
         lambda: nn.Sequential(nn.Linear(4, 5, bias=True), nn.BatchNorm1d(5), nn.LeakyReLU(0.3), nn.Linear(5, 2, bias=False)),
         lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.GELU(approximate="tanh"), nn.Linear(5, 5),
                               nn.LayerNorm(5), nn.GELU(approximate="tanh"), nn.Linear(5, 3)),
