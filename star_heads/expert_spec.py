@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import nn
 
+from star_heads._checks import check_layer
 from star_heads.expert_layers import norm_options
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ExpertSpec",
     "activation_key",
     "activation_spec",
+    "check_norm_layer",
     "export_activation",
     "make_activation",
     "norm_spec",
@@ -182,6 +184,23 @@ def _check_chain(blocks: list[Block], where: str) -> None:
             raise ValueError(
                 f"{where}: the hidden blocks differ: every hidden block must have the same {name}, got {keys}"
             )
+
+
+def check_norm_layer(norm_layer: Any, name: str) -> Any:
+    """Checks a norm option (a class of :data:`NORMS` or a ``functools.partial`` of one, ``nn.Identity`` or None).
+
+    Raises:
+        TypeError: anything else, e.g. ``nn.InstanceNorm1d`` or ``nn.GroupNorm``, which the fused bank cannot compute
+            per expert exactly, or an instance instead of a class.
+    """
+    check_layer(norm_layer, name)
+    cls = getattr(norm_layer, "func", norm_layer)
+    if cls is None or cls is nn.Identity or cls in NORMS:
+        return norm_layer
+    raise TypeError(
+        f"{name} must be one of {', '.join(c.__name__ for c in NORMS)} (a class or a functools.partial of one), "
+        f"nn.Identity or None, got {norm_layer!r}: the bank fuses the experts' norms and computes only these exactly"
+    )
 
 
 def norm_spec(norm: nn.Module | None) -> Any:

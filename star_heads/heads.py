@@ -36,6 +36,7 @@ from star_heads._checks import (
     check_positive_int,
 )
 from star_heads._value_checks import value_checks_enabled
+from star_heads.expert_spec import check_norm_layer
 from star_heads.experts import ExpertBank
 from star_heads.routing import SoftRouter
 from star_heads.sizing import DEFAULT_NUM_EXPERTS, count_parameters, drop_in_size, on_meta
@@ -330,9 +331,9 @@ def bank_forward(bank: ExpertBank, x: torch.Tensor, gates: torch.Tensor | None =
 def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias=False) -> dict[str, Any]:
     """The bank's layer options, type-checked under the names the user gave them."""
     return {
-        "norm_layer": check_layer(norm_layer, "norm_layer"),
+        "norm_layer": check_norm_layer(norm_layer, "norm_layer"),
         "act_layer": check_layer(act_layer, "act_layer"),
-        "last_norm_layer": check_layer(last_norm_layer, "last_norm_layer"),
+        "last_norm_layer": check_norm_layer(last_norm_layer, "last_norm_layer"),
         "last_bias": check_bool(last_bias, "last_bias"),
         "hidden_bias": hidden_bias,  # a bool, or one per hidden layer: checked by the bank
     }

@@ -270,31 +270,37 @@ class CCAMeter(nn.Module):
             ValueError: n − 1 <= max(p, q), or the accumulated data contained NaN/Inf.
         """
         check_sample_size(self.n, self.p, self.q)
-        st = self.stats
-        if not st.is_finite():
-            raise ValueError(f"CCAMeter statistics are not finite after n={st.n} samples: some batch contained NaN/Inf")
-        p = self.p
-        with torch.no_grad(), _autocast_off(st.device.type):
-            gram = st.centred_gram()
-            floor = rounding_floor(st.n)
-            sx = view_spectrum(gram[:p, :p], self.rank_tol, floor)
-            sy = view_spectrum(gram[p:, p:], self.rank_tol, floor)
-            fx, fy = sx.shrink(self.ridge), sy.shrink(self.ridge)
-            rho = whitened_correlations(gram[:p, p:], sx.whitener(), sy.whitener(), fx, fy)
-            svcca = None
-            if self.svcca_keep is not None:
-                rx = min(sx.rank, sx.variance_rank(self.svcca_keep))
-                ry = min(sy.rank, sy.variance_rank(self.svcca_keep))
-                sv = whitened_correlations(gram[:p, p:], sx.whitener(rx), sy.whitener(ry))
-                svcca = min(float(sv.mean()), 1.0) if sv.numel() else 0.0
-        mean = min(float(rho.mean()), 1.0) if rho.numel() else 0.0  # a mean of values <= 1 can round above 1
-        null = null_mean_canonical_correlation(st.n, fx, fy) if self.null_baseline else None
-        return CCAResult(
-            mean=mean, correlations=rho, rank_x=sx.rank, rank_y=sy.rank, n=st.n, null_mean=null, svcca=svcca
-        )
+        if not self.stats.is_finite():
+            raise ValueError(
+                f"CCAMeter statistics are not finite after n={self.n} samples: some batch contained NaN/Inf"
+            )
+        return _result(self.stats, self.ridge, self.rank_tol, self.svcca_keep, self.null_baseline)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, q={self.q}, ridge={self.ridge}, n={self.n}" + (", synced" if self._synced else "")
+
+
+def _result(
+    st: CCAStatistics, ridge: float, rank_tol: float, svcca_keep: float | None, null_baseline: bool
+) -> CCAResult:
+    """The covariance route of :mod:`star_heads.metrics.covariance` on accumulated statistics."""
+    p = st.p
+    with torch.no_grad(), _autocast_off(st.device.type):
+        gram = st.centred_gram()
+        floor = rounding_floor(st.n)
+        sx = view_spectrum(gram[:p, :p], rank_tol, floor)
+        sy = view_spectrum(gram[p:, p:], rank_tol, floor)
+        fx, fy = sx.shrink(ridge), sy.shrink(ridge)
+        rho = whitened_correlations(gram[:p, p:], sx.whitener(), sy.whitener(), fx, fy)
+        svcca = None
+        if svcca_keep is not None:
+            rx = min(sx.rank, sx.variance_rank(svcca_keep))
+            ry = min(sy.rank, sy.variance_rank(svcca_keep))
+            sv = whitened_correlations(gram[:p, p:], sx.whitener(rx), sy.whitener(ry))
+            svcca = min(float(sv.mean()), 1.0) if sv.numel() else 0.0
+    mean = min(float(rho.mean()), 1.0) if rho.numel() else 0.0  # a mean of values <= 1 can round above 1
+    null = null_mean_canonical_correlation(st.n, fx, fy) if null_baseline else None
+    return CCAResult(mean=mean, correlations=rho, rank_x=sx.rank, rank_y=sy.rank, n=st.n, null_mean=null, svcca=svcca)
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:

@@ -232,9 +232,10 @@ def test_task_names_travel_in_the_state_dict(make):
     x = torch.randn(3, 6)
     saved.eval(), same.eval()
     torch.testing.assert_close(same(x, task="eq"), saved(x, task="eq"))
-    # a checkpoint saved before task names were stored still loads
-    legacy = {k: v for k, v in state.items() if k != "task_names"}
-    make(("eq", "inv")).load_state_dict(legacy)
+    # a state_dict without task names cannot prove its task order: refused, even for the same order
+    unnamed = {k: v for k, v in state.items() if k != "task_names"}
+    with pytest.raises(ValueError, match="has no 'task_names'"):
+        make(("eq", "inv")).load_state_dict(unnamed)
 
 
 def test_task_names_survive_nesting_deepcopy_and_dtype_casts():
