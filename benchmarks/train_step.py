@@ -8,7 +8,7 @@ STAR's reference code; SimCLR two), the adapter's joint objective (invariant NT-
 backbone weights and batch for every variant; views and 11-D augmentation parameters are random tensors
 (augmentation is data loading, the same for all variants).
 
-* ``star`` — ``SimCLRAdapter(d, num_experts=16)``: STAR head (experts d → d → d → 128) + STAR predictor;
+* ``star`` — ``SimCLRAdapter(d, num_experts=16, hidden_dim=d)``: STAR head (experts d → d → d → 128) + STAR predictor;
 * ``equimod`` — ``EquiModAdapter(d, head=SeparateHeads.equimod(d))``: two d → 2048 → 2048 → 128 heads;
 * ``simclr`` — EquiMod's invariant head alone, invariant-only call (two views);
 * ``backbone`` — the three backbone calls and a trivial loss: what the heads add is the difference.
@@ -66,7 +66,7 @@ class Method(nn.Module):
         super().__init__()
         self.kind, self.net = kind, net
         if kind == "star":
-            self.adapter = SimCLRAdapter(d, num_experts=cfg["experts"], cca_every=0)
+            self.adapter = SimCLRAdapter(d, num_experts=cfg["experts"], hidden_dim=d, cca_every=0)  # the paper shape
         elif kind == "equimod":
             self.adapter = EquiModAdapter(d, head=SeparateHeads.equimod(d, cfg["equimod_hidden"], 128), cca_every=0)
         elif kind == "simclr":

@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from star_heads._precision import autocast_dtype
 
 __all__ = [
     "check_float_tensor",
@@ -36,6 +39,9 @@ __all__ = [
     "check_choice",
     "check_names",
     "check_layer",
+    "check_input_dtype",
+    "check_batch_for_batch_norm",
+    "uses_batch_statistics",
     "choices",
 ]
 
@@ -107,7 +113,7 @@ def check_bool(value: object, name: str) -> bool:
     return bool(value)
 
 
-def choices(literal: Any) -> tuple:
+def choices(literal: Any) -> tuple[Any, ...]:
     """The allowed values of a ``typing.Literal`` (or a sequence of values), as a tuple."""
     args = typing.get_args(literal)
     return tuple(args) if args else tuple(literal)
@@ -215,6 +221,41 @@ def check_float_tensor(
     if finite and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains NaN or Inf values ({bad} of {x.numel()}, shape {tuple(x.shape)})")
+    return x
+
+
+def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, name: str, owner: str) -> torch.Tensor:
+    """The package's one dtype policy: an input has its module's parameter dtype, except under autocast
+    (:mod:`star_heads._precision`), where torch picks the compute dtype itself.
+
+    Raises:
+        TypeError: ``x.dtype != dtype`` outside autocast (the message names the three ways out).
+    """
+    if x.dtype != dtype and autocast_dtype(x.device.type) is None:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the {owner}'s parameters are {dtype}: cast the input "
+            f"({name}.to({dtype})), the {owner} (.to({x.dtype})), or run under torch.autocast"
+        )
+    return x
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm that normalises with the batch's statistics in its current mode."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None)
+
+
+def check_batch_for_batch_norm(x: torch.Tensor, module: nn.Module, name: str = "x") -> torch.Tensor:
+    """Refuses a batch of one sample when a BatchNorm inside ``module`` uses batch statistics (its variance
+    would be 0 and torch's error would not say which layer or what to do).
+
+    Raises:
+        ValueError: ``x.shape[0] == 1`` and a BatchNorm of ``module`` uses batch statistics.
+    """
+    if x.shape[0] == 1 and any(uses_batch_statistics(m) for m in module.modules()):
+        raise ValueError(
+            f"{name} has a batch of 1 (shape {tuple(x.shape)}): BatchNorm in training mode needs at least 2 samples; "
+            "use a larger batch, call .eval(), or build the module with norm_layer=nn.LayerNorm or None"
+        )
     return x
 
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from star_heads._checks import check_positive_int
 from star_heads.experts import ExpertBank
-from star_heads.heads import TaskHead, _layer_options
-from star_heads.sizing import FLOP_RTOL, PARAM_RTOL, count_parameters, fit_width, linear_macs
+from star_heads.heads import TaskHead, _layer_options, bank_forward
+from star_heads.sizing import FLOP_RTOL, PARAM_RTOL, count_parameters, fit_width, linear_macs, on_meta
 
 __all__ = ["SeparateHeads", "SharedSpecificHead"]
 
@@ -32,7 +32,7 @@ class SeparateHeads(TaskHead):
 
     Args:
         input_dim: Backbone feature size d.
-        hidden_dim: Hidden width of each MLP.
+        hidden_dim: Hidden width of each MLP (default ``input_dim``, as :class:`~star_heads.STARHead`).
         output_dim: Embedding size.
         num_layers: Linear layers per MLP.
         tasks: Task names, one MLP each.
@@ -45,13 +45,13 @@ class SeparateHeads(TaskHead):
     def __init__(
         self,
         input_dim: int,
-        hidden_dim: int,
-        output_dim: int,
+        hidden_dim: int | None = None,
+        output_dim: int = 128,
         num_layers: int = 3,
         *,
         tasks: Sequence[str] = ("inv", "eq"),
         norm_layer: type[nn.Module] | None = nn.BatchNorm1d,
-        act_layer: type[nn.Module] = nn.ReLU,
+        act_layer: type[nn.Module] | None = nn.ReLU,
         last_norm_layer: type[nn.Module] | None = None,
         last_bias: bool = True,
         hidden_bias: bool = False,
@@ -60,8 +60,11 @@ class SeparateHeads(TaskHead):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
+        hidden_dim = input_dim if hidden_dim is None else hidden_dim
         options = {
-            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), "device": device, "dtype": dtype,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias),
+            "device": device,
+            "dtype": dtype,
         }
         self.heads = nn.ModuleDict(
             {t: ExpertBank(1, input_dim, hidden_dim, output_dim, num_layers, **options) for t in self.tasks}
@@ -114,7 +117,7 @@ class SeparateHeads(TaskHead):
         return cls(input_dim, hidden_dim, output_dim, 3, **kwargs)
 
     def _embed(self, x, task_indices, need_gates, need_experts):
-        outs = [self.heads[self.tasks[i]](x) for i in task_indices]  # each [b, 1, o]
+        outs = [bank_forward(self.heads[self.tasks[i]], x) for i in task_indices]  # each [b, 1, o]
         z = rearrange(torch.cat(outs, dim=1), "b t o -> t b o")
         return z, None, (rearrange(z, "t b o -> b t o") if need_experts else None)
 
@@ -127,7 +130,7 @@ class SharedSpecificHead(TaskHead):
 
     Args:
         input_dim: Backbone feature size d.
-        hidden_dim: Expert hidden width.
+        hidden_dim: Expert hidden width (default ``input_dim``, as :class:`~star_heads.STARHead`).
         output_dim: Embedding size.
         num_layers: Linear layers per expert.
         tasks: Task names.
@@ -140,13 +143,13 @@ class SharedSpecificHead(TaskHead):
     def __init__(
         self,
         input_dim: int,
-        hidden_dim: int,
-        output_dim: int,
+        hidden_dim: int | None = None,
+        output_dim: int = 128,
         num_layers: int = 3,
         *,
         tasks: Sequence[str] = ("inv", "eq"),
         norm_layer: type[nn.Module] | None = nn.BatchNorm1d,
-        act_layer: type[nn.Module] = nn.ReLU,
+        act_layer: type[nn.Module] | None = nn.ReLU,
         last_norm_layer: type[nn.Module] | None = None,
         last_bias: bool = True,
         hidden_bias: bool = False,
@@ -155,10 +158,17 @@ class SharedSpecificHead(TaskHead):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
+        hidden_dim = input_dim if hidden_dim is None else hidden_dim
         t = self.num_tasks
         self.experts = ExpertBank(
-            t + 1, input_dim, hidden_dim, output_dim, num_layers,
-            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), device=device, dtype=dtype,
+            t + 1,
+            input_dim,
+            hidden_dim,
+            output_dim,
+            num_layers,
+            **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias),
+            device=device,
+            dtype=dtype,
         )
         self.hidden_dim = hidden_dim
         mixing = torch.cat([torch.eye(t, device=device), torch.ones(t, 1, device=device)], dim=1)  # [t, t+1]
@@ -182,9 +192,9 @@ class SharedSpecificHead(TaskHead):
     def _embed(self, x, task_indices, need_gates, need_experts):
         gates = self.mixing[task_indices].to(x.dtype).expand(x.shape[0], -1, -1)  # [b, t, n]
         if need_experts:
-            z, experts = self.experts(x, gates, return_expert_outputs=True)
+            z, experts = bank_forward(self.experts, x, gates, return_expert_outputs=True)
             return z, gates, experts
-        return self.experts(x, gates), gates, None
+        return bank_forward(self.experts, x, gates), gates, None
 
 
 def _param_matched(cls, reference, input_dim, output_dim, num_layers, tasks, multiple_of, options):
@@ -195,10 +205,9 @@ def _param_matched(cls, reference, input_dim, output_dim, num_layers, tasks, mul
         what = type(reference).__name__
     else:
         target, target_macs, what = check_positive_int(reference, "reference"), None, "the reference"
-    meta = {k: v for k, v in options.items() if k not in ("device", "dtype")}
 
     def build(width: int) -> TaskHead:
-        return cls(input_dim, width, output_dim, num_layers, tasks=tasks, **meta, device="meta")
+        return cls(input_dim, width, output_dim, num_layers, tasks=tasks, **on_meta(options))
 
     try:
         width = fit_width(build, target, multiple_of=multiple_of)

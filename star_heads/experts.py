@@ -11,9 +11,7 @@ see :mod:`star_heads.expert_layers` for the layout that keeps every layer a sing
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from torch import nn
@@ -29,19 +27,10 @@ from star_heads.expert_layers import (
     is_batch_norm,
     load_norm,
     make_expert_norm,
-    norm_options,
 )
+from star_heads.expert_spec import export_activation, make_activation, parse_expert
 
 __all__ = ["ExpertBank"]
-
-#: Activations the bank accepts: elementwise and deterministic, so applying one to the fused ``[B, N·h]``
-#: activations is exactly applying it to each expert.
-ELEMENTWISE_ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Threshold,
-    nn.LogSigmoid, nn.Softshrink, nn.Hardshrink, nn.Identity,
-)
-
 
 class ExpertBank(nn.Module):
     """N identical-shape MLP experts, computed together with one GEMM / batched matmul per layer.
@@ -110,7 +99,7 @@ class ExpertBank(nn.Module):
         norms = [make_expert_norm(norm_layer, num_experts, hidden_dim, **factory) for _ in range(num_layers - 1)]
         norms.append(make_expert_norm(last_norm_layer, num_experts, output_dim, **factory))
         self.norms = nn.ModuleList(nn.Identity() if m is None else m for m in norms)
-        self.acts = nn.ModuleList(_make_act(act_layer) for _ in range(num_layers - 1))
+        self.acts = nn.ModuleList(make_activation(act_layer) for _ in range(num_layers - 1))
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -195,7 +184,7 @@ class ExpertBank(nn.Module):
                 if not isinstance(self.norms[i], nn.Identity):
                     layers.append(export_norm(self.norms[i], k, self.num_experts))
                 if i < len(self.acts) and not isinstance(self.acts[i], nn.Identity):
-                    layers.append(_export_act(self.acts[i]))
+                    layers.append(export_activation(self.acts[i]))
             experts.append(nn.Sequential(*layers))
         return experts
 
@@ -203,11 +192,8 @@ class ExpertBank(nn.Module):
     def from_modules(cls, experts: Sequence[nn.Module], **kwargs) -> ExpertBank:
         """Fuses same-structure experts into a bank, exactly (weights, biases, norm statistics, activation).
 
-        Each expert must be an ``nn.Sequential`` of blocks ``nn.Linear → [norm] → [activation]`` (with or
-        without a bias at every Linear), the norms ``nn.BatchNorm1d`` / ``nn.SyncBatchNorm`` /
-        ``nn.LayerNorm(width)`` and the activations elementwise (``ELEMENTWISE_ACTIVATIONS``, options kept);
-        the hidden blocks must agree with each other and the last block has no activation. ``kwargs``
-        override constructor options (device, dtype, ...).
+        Each expert is an ``nn.Sequential`` in the grammar of :mod:`star_heads.expert_spec`
+        (``Linear → [norm] → [activation]`` blocks); ``kwargs`` override constructor options (device, dtype, ...).
 
         Raises:
             TypeError: an expert is not an ``nn.Sequential``.
@@ -217,32 +203,31 @@ class ExpertBank(nn.Module):
         experts = list(experts)
         if not experts:
             raise ValueError("from_modules needs at least one expert, got an empty sequence")
-        specs = [_parse_expert(e, j) for j, e in enumerate(experts)]
+        for j, e in enumerate(experts):
+            if not isinstance(e, nn.Sequential):
+                raise TypeError(
+                    f"expert {j} must be an nn.Sequential of Linear/norm/activation modules, got {type(e).__name__}"
+                )
+        specs = [parse_expert(list(e), f"expert {j}") for j, e in enumerate(experts)]
         for j, spec in enumerate(specs[1:], start=1):
-            if spec["signature"] != specs[0]["signature"]:
+            if spec.signature() != specs[0].signature():
                 raise ValueError(
                     f"expert {j} differs from expert 0 in structure, options or shapes: {experts[j]} vs {experts[0]}"
                 )
-        blocks, first = specs[0]["blocks"], specs[0]["blocks"][0][0]
-        hidden = blocks[:-1]
-        options = dict(
-            num_layers=len(blocks),
-            norm_layer=_norm_spec(hidden[0][1]) if hidden else None,
-            act_layer=hidden[0][2] if hidden else None,
-            hidden_bias=[lin.bias is not None for lin, _, _ in hidden],
-            last_bias=blocks[-1][0].bias is not None,
-            last_norm_layer=_norm_spec(blocks[-1][1]),
-            device=first.weight.device,
-            dtype=first.weight.dtype,
-        )
+        first = specs[0].blocks[0].linear.weight
+        options = {
+            **specs[0].options(),
+            "num_layers": specs[0].num_layers,
+            "device": first.device,
+            "dtype": first.dtype,
+        }
         options.update(kwargs)
-        width = hidden[0][0].out_features if hidden else first.out_features
-        bank = cls(len(experts), first.in_features, width, blocks[-1][0].out_features, **options)
+        bank = cls(len(experts), specs[0].input_dim, specs[0].hidden_dim, specs[0].output_dim, **options)
         for k, spec in enumerate(specs):
-            for i, (linear, norm, _) in enumerate(spec["blocks"]):
-                bank.linears[i].load_expert(k, linear)
-                if norm is not None:
-                    load_norm(bank.norms[i], k, bank.num_experts, norm)
+            for i, block in enumerate(spec.blocks):
+                bank.linears[i].load_expert(k, block.linear)
+                if block.norm is not None:
+                    load_norm(bank.norms[i], k, bank.num_experts, block.norm)
         return bank
 
     def extra_repr(self) -> str:
@@ -283,100 +268,3 @@ def _hidden_biases(hidden_bias: bool | Sequence[bool], count: int) -> list[bool]
     if len(flags) != count:
         raise ValueError(f"hidden_bias must have one entry per hidden layer ({count}), got {len(flags)}: {flags}")
     return flags
-
-
-def _make_act(act_layer) -> nn.Module:
-    """Instantiates ``act_layer`` (in place when it supports it) and checks that it is elementwise.
-
-    Inside the bank an activation always follows a norm or a Linear, neither of whose backward needs its
-    output, so running it in place is exact and saves one activation-sized tensor per layer.
-
-    Raises:
-        TypeError: not an elementwise activation (e.g. ``nn.Softmax``, which would mix experts' features).
-    """
-    cls = type(act_layer) if isinstance(act_layer, nn.Module) else getattr(act_layer, "func", act_layer)
-    if act_layer is not None and cls not in ELEMENTWISE_ACTIVATIONS:
-        raise TypeError(
-            f"act_layer must be an elementwise activation ({', '.join(c.__name__ for c in ELEMENTWISE_ACTIVATIONS)}), "
-            f"got {act_layer!r}: the bank applies it to all experts' features at once"
-        )
-    if act_layer is None:
-        act = nn.Identity()
-    elif isinstance(act_layer, nn.Module):
-        act = copy.deepcopy(act_layer)
-        if hasattr(act, "inplace"):
-            act.inplace = True
-    else:
-        try:
-            act = act_layer(inplace=True)
-        except TypeError:
-            act = act_layer()
-    return act
-
-
-def _export_act(act: nn.Module) -> nn.Module:
-    single = copy.deepcopy(act)
-    if hasattr(single, "inplace"):
-        single.inplace = False  # torch's default; results are the same either way
-    return single
-
-
-def _act_key(act: nn.Module | None) -> tuple | None:
-    """What identifies an activation's behaviour: its class and public options (``inplace`` aside)."""
-    if act is None:
-        return None
-    options = {k: v for k, v in vars(act).items() if not k.startswith("_") and k not in ("inplace", "training")}
-    return type(act), tuple(sorted(options.items()))
-
-
-def _norm_spec(norm: nn.Module | None):
-    """The class of a standalone norm with its options bound (``functools.partial``), or None."""
-    if norm is None:
-        return None
-    if isinstance(norm, nn.LayerNorm):
-        return partial(nn.LayerNorm, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
-    return partial(type(norm), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                   track_running_stats=norm.track_running_stats)
-
-
-def _parse_expert(expert: nn.Module, j: int) -> dict:
-    """Splits an expert into ``(Linear, norm | None, act | None)`` blocks and a signature to compare experts by.
-
-    Raises:
-        TypeError / ValueError: see :meth:`ExpertBank.from_modules`.
-    """
-    if not isinstance(expert, nn.Sequential):
-        raise TypeError(f"expert {j} must be an nn.Sequential of Linear/norm/activation modules, got {type(expert).__name__}")
-    mods, blocks, pos = list(expert), [], 0
-    supported = "an nn.Linear, then optionally nn.BatchNorm1d/nn.SyncBatchNorm/nn.LayerNorm, then optionally an elementwise activation"
-    while pos < len(mods):
-        linear = mods[pos]
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"expert {j}, module {pos}: found {linear!r} where each block must be {supported}")
-        pos += 1
-        norm = act = None
-        if pos < len(mods) and norm_options(mods[pos]) is not None:
-            norm, pos = mods[pos], pos + 1
-        if pos < len(mods) and type(mods[pos]) in ELEMENTWISE_ACTIVATIONS:
-            act, pos = mods[pos], pos + 1
-        blocks.append((linear, norm, None if type(act) is nn.Identity else act))
-    if not blocks:
-        raise ValueError(f"expert {j} is empty")
-    for i, (linear, norm, act) in enumerate(blocks):
-        if i > 0 and linear.in_features != blocks[i - 1][0].out_features:
-            raise ValueError(f"expert {j}: Linear {i} takes {linear.in_features} features but the previous one gives {blocks[i - 1][0].out_features}")
-        if norm is not None and norm_options(norm)[1] != linear.out_features:
-            raise ValueError(f"expert {j}: norm {norm!r} after Linear {i} does not normalise its {linear.out_features} features")
-    hidden = blocks[:-1]
-    if blocks[-1][2] is not None:
-        raise ValueError(f"expert {j}: an activation after the last Linear ({blocks[-1][2]!r}) is not supported")
-    for name, key in (("hidden width", lambda blk: blk[0].out_features), ("hidden norm", lambda blk: norm_options(blk[1]) if blk[1] is not None else None),
-                      ("hidden activation", lambda blk: _act_key(blk[2]))):
-        if len({repr(key(blk)) for blk in hidden}) > 1:
-            raise ValueError(f"expert {j}: every hidden block must have the same {name}, got {[key(blk) for blk in hidden]}")
-    signature = (
-        tuple((lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype) for lin, _, _ in blocks),
-        tuple((norm_options(nm) if nm is not None else None, type(nm)) for _, nm, _ in blocks),
-        tuple(_act_key(a) for _, _, a in blocks),
-    )
-    return {"blocks": blocks, "signature": signature}

@@ -26,11 +26,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from star_heads._checks import check_bool, check_float_tensor, check_layer, check_names, check_positive_int
-from star_heads._precision import autocast_dtype
+from star_heads._checks import (
+    check_batch_for_batch_norm,
+    check_bool,
+    check_float_tensor,
+    check_input_dtype,
+    check_layer,
+    check_names,
+    check_positive_int,
+)
+from star_heads._value_checks import value_checks_enabled
+from star_heads.expert_spec import check_norm_layer
 from star_heads.experts import ExpertBank
 from star_heads.routing import SoftRouter
-from star_heads.sizing import count_parameters, fit_width
+from star_heads.sizing import DEFAULT_NUM_EXPERTS, count_parameters, drop_in_size, on_meta
 
 __all__ = [
     "HeadOutput",
@@ -144,30 +153,27 @@ class TaskHead(nn.Module):
         if len(indices) == 1 and not (return_gates or return_expert_outputs):
             return z[0]
         embeddings = {self.tasks[i]: z[j] for j, i in enumerate(indices)}
+        if torch.jit.is_tracing():  # the tracer records tensors, not a mapping keyed by task names
+            raise TypeError(
+                f"torch.jit.trace of a {type(self).__name__} with several tasks: trace one task, e.g. "
+                f"torch.jit.trace(head.single_task({self.tasks[0]!r}), x), or use torch.compile / torch.export"
+            )
         return HeadOutput(embeddings, gates if return_gates else None, experts if return_expert_outputs else None)
 
     def check_input(self, x: object) -> torch.Tensor:
-        """Validates backbone features ``x`` in the user's terms (shape, dtype, batch size, finiteness)."""
-        check_float_tensor(x, "x", sizes=(None, self.input_dim))
-        if x.shape[0] == 0:
-            raise ValueError(f"x must hold at least one sample, got an empty batch of shape {tuple(x.shape)}")
+        """The one check of ``head(x)``: backbone features ``x`` in the user's terms (shape, dtype, batch size,
+        finiteness). Layers below it (router, expert bank) run unchecked."""
+        t = check_float_tensor(x, "x", sizes=(None, self.input_dim))
+        if t.shape[0] == 0:
+            raise ValueError(f"x must hold at least one sample, got an empty batch of shape {tuple(t.shape)}")
         ref = next(self.parameters(), None)
-        if ref is not None and x.dtype != ref.dtype and autocast_dtype(x.device.type) is None:
-            raise TypeError(
-                f"x has dtype {x.dtype} but the head's parameters are {ref.dtype}: cast the features "
-                f"(x.to({ref.dtype})), the head (head.to({x.dtype})), or run under torch.autocast"
-            )
-        if self.training and x.shape[0] == 1 and self._has_batch_norm():
-            raise ValueError(
-                f"x has a batch of 1 (shape {tuple(x.shape)}): BatchNorm in training mode needs at least 2 samples; "
-                "use a larger batch, call head.eval(), or build the head with norm_layer=nn.LayerNorm or None"
-            )
-        if self.check_finite:
-            check_float_tensor(x, "x", finite=True)
-        return x
-
-    def _has_batch_norm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training for m in self.modules())
+        if ref is not None:
+            check_input_dtype(t, ref.dtype, "x", "head")
+        if self.training:
+            check_batch_for_batch_norm(t, self)
+        if value_checks_enabled(self.check_finite):
+            check_float_tensor(t, "x", finite=True)
+        return t
 
     def _embed(
         self, x: torch.Tensor, task_indices: list[int], need_gates: bool, need_experts: bool
@@ -184,9 +190,13 @@ class TaskHead(nn.Module):
 
     def _check_loaded_tasks(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         key = prefix + "task_names"
-        if key not in state_dict:  # a checkpoint saved before task names were stored: nothing to check
-            state_dict[key] = self.task_names
-            return
+        if key not in state_dict:
+            raise ValueError(
+                f"{type(self).__name__}: the state_dict has no {key!r}, so the task order of its per-task weights "
+                f"cannot be checked against this head's tasks {self.tasks}; load a state_dict saved from a "
+                f"{type(self).__name__} (it stores the task names), or add state_dict[{key!r}] = head.task_names "
+                "yourself if you know the orders agree"
+            )
         try:
             saved = tuple(json.loads(bytes(state_dict[key].tolist()).decode()))
         except (ValueError, TypeError, AttributeError):
@@ -198,8 +208,35 @@ class TaskHead(nn.Module):
                 f"Build the head with tasks={saved!r}."
             )
 
+    def single_task(self, task: str) -> nn.Module:
+        """A module whose ``forward(x)`` is ``head(x, task=task)``, sharing this head's parameters (for
+        ``torch.jit.trace``, or code that expects ``projector(x) -> Tensor``)."""
+        self.task_index(task)
+        return _SingleTask(self, task)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward takes task names and returns "
+            "a mapping or a Tensor); use torch.compile, or torch.jit.trace(head.single_task('inv'), x)"
+        )
+
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}"
+
+
+class _SingleTask(nn.Module):
+    """``forward(x) = head(x, task=task)`` (see :meth:`TaskHead.single_task`)."""
+
+    def __init__(self, head: TaskHead, task: str) -> None:
+        super().__init__()
+        self.head, self.task = head, task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z: torch.Tensor = self.head(x, task=self.task)
+        return z
+
+    def extra_repr(self) -> str:
+        return f"task={self.task!r}"
 
 
 class MMoEHead(TaskHead):
@@ -252,7 +289,7 @@ class MMoEHead(TaskHead):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_dim, output_dim, tasks, check_finite=check_finite)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.experts = ExpertBank(
             num_experts, input_dim, hidden_dim, output_dim, num_layers,
             **_layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias), **factory,
@@ -271,33 +308,40 @@ class MMoEHead(TaskHead):
         return self.experts.hidden_dim
 
     def _embed(self, x, task_indices, need_gates, need_experts):
+        # x was checked once by TaskHead.check_input: the router and the bank run unchecked
         single = len(task_indices) == 1 and self.num_tasks > 1
-        gates = self.router(x, task_indices[0] if single else None)  # [b, t, n]
+        gates = self.router._gates(x, task_indices[0] if single else None)  # [b, t, n]
         if need_experts:
-            z, experts = self.experts(x, gates, return_expert_outputs=True)  # [t, b, o], [b, n, o]
+            z, experts = bank_forward(self.experts, x, gates, return_expert_outputs=True)  # [t, b, o], [b, n, o]
             return z, gates, experts
-        return self.experts(x, gates), gates, None
+        return bank_forward(self.experts, x, gates), gates, None
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Router gates ``[B, T, N]`` alone (cheap: the experts are not evaluated)."""
         self.check_input(x)
-        return self.router(x)
+        return self.router._gates(x)
+
+
+def bank_forward(bank: ExpertBank, x: torch.Tensor, gates: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    """The bank's unchecked forward, for a head whose input was checked by :meth:`TaskHead.check_input`."""
+    run = getattr(bank, "_forward", None)
+    return bank(x, gates, **kwargs) if run is None else run(x, gates, **kwargs)
 
 
 def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias=False) -> dict[str, Any]:
     """The bank's layer options, type-checked under the names the user gave them."""
     return {
-        "norm_layer": check_layer(norm_layer, "norm_layer"),
-        "act_layer": check_layer(act_layer, "act_layer", optional=False),
-        "last_norm_layer": check_layer(last_norm_layer, "last_norm_layer"),
+        "norm_layer": check_norm_layer(norm_layer, "norm_layer"),
+        "act_layer": check_layer(act_layer, "act_layer"),
+        "last_norm_layer": check_norm_layer(last_norm_layer, "last_norm_layer"),
         "last_bias": check_bool(last_bias, "last_bias"),
-        "hidden_bias": check_bool(hidden_bias, "hidden_bias"),
+        "hidden_bias": hidden_bias,  # a bool, or one per hidden layer: checked by the bank
     }
 
 
 class STARHead(MMoEHead):
-    """MMoE head with the STAR paper's defaults (its experimental setup, arXiv 2510.27222): hidden = input_dim, output 128,
-    3 layers, tasks inv/eq, N = 8.
+    """MMoE head with the STAR paper's defaults (its experimental setup, arXiv 2510.27222): hidden = input_dim,
+    output 128, 3 layers, tasks inv/eq, N = 8.
 
     Experts are ``d → d → d → 128`` MLPs (Linear no bias → BN → ReLU, twice, then Linear with bias, no
     output norm); routers are ``Linear(d → N)`` + softmax (STAR, Sec. 3). Other options as :class:`MMoEHead`.
@@ -321,7 +365,7 @@ class STARHead(MMoEHead):
 class _DefaultTaskHead(MMoEHead):
     """MMoE head whose ``head(x)`` returns the ``"inv"`` Tensor (lightly-style drop-in)."""
 
-    def forward(self, x, task="inv", **kwargs):  # type: ignore[override]
+    def forward(self, x, task="inv", **kwargs):
         """As :meth:`TaskHead.forward`, but ``task`` defaults to ``"inv"``; pass ``task=None`` for all tasks."""
         return super().forward(x, task, **kwargs)
 
@@ -357,10 +401,13 @@ class _LightlyDropIn(_DefaultTaskHead):
     """A STAR head sized from a lightly projection head's arguments.
 
     ``hidden_dim`` is the replaced lightly head's hidden width. The experts' hidden width
-    ``expert_hidden_dim`` defaults to the largest width at which the whole STAR head (N experts + routers)
-    has at most twice the parameters of that lightly head — the budget of the two heads (invariant and
-    equivariant) that STAR replaces. Pass ``expert_hidden_dim=hidden_dim`` for the paper's per-expert shape
-    (every expert as wide as the lightly head, as in the STAR paper's setup), at N times the parameters.
+    ``expert_hidden_dim`` defaults to the package's one sizing rule (:func:`~star_heads.sizing.drop_in_size`,
+    table in docs/heads.md): the largest width, a multiple of 8 where the budget allows, at which the whole STAR
+    head (N experts + routers) has at most twice the parameters of that lightly head — the budget of the two
+    heads (invariant and equivariant) that STAR replaces. ``num_experts`` defaults to 8 (4 or 2 only where 8
+    experts of width 1 exceed that budget). Pass ``expert_hidden_dim=hidden_dim`` for the paper's per-expert
+    shape (every expert as wide as the lightly head, as in the STAR paper's setup), at about N times the
+    parameters.
     """
 
     def __init__(
@@ -372,7 +419,7 @@ class _LightlyDropIn(_DefaultTaskHead):
         batch_norm: bool,
         last_batch_norm: bool,
         *,
-        num_experts: int,
+        num_experts: int | None,
         expert_hidden_dim: int | None,
         tasks: Sequence[str],
         **options: Any,
@@ -384,35 +431,21 @@ class _LightlyDropIn(_DefaultTaskHead):
         norm = options.pop("norm_layer", nn.BatchNorm1d if batch_norm else None)
         if not batch_norm and norm not in (None, nn.Identity):
             raise ValueError(f"batch_norm=False contradicts norm_layer={norm!r}; pass one of them")
-        config = dict(num_experts=num_experts, tasks=tasks, norm_layer=norm, **options)
+        config = dict(tasks=tasks, norm_layer=norm, **options)
         if expert_hidden_dim is None:
-            expert_hidden_dim = _budget_width(
-                lambda h: MMoEHead(input_dim, h, output_dim, num_layers, **_on_meta(config)),
-                lightly_projection_mlp(
-                    input_dim, hidden_dim, output_dim, num_layers, batch_norm, last_batch_norm, device="meta"
-                ),
+            lightly = lightly_projection_mlp(
+                input_dim, hidden_dim, output_dim, num_layers, batch_norm, last_batch_norm, device="meta"
             )
+            expert_hidden_dim, num_experts = drop_in_size(
+                lambda h, n: MMoEHead(input_dim, h, output_dim, num_layers, num_experts=n, **on_meta(config)),
+                count_parameters(lightly), num_experts,
+            )
+        config["num_experts"] = DEFAULT_NUM_EXPERTS if num_experts is None else num_experts
         super().__init__(input_dim, expert_hidden_dim, output_dim, num_layers, **config)
         self.lightly_hidden_dim = hidden_dim
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lightly_hidden_dim={self.lightly_hidden_dim}"
-
-
-def _on_meta(options: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: v for k, v in options.items() if k not in ("device", "dtype")}, "device": "meta"}
-
-
-def _budget_width(build, lightly_head: nn.Module) -> int:
-    """Largest expert hidden width whose head has at most 2× the parameters of ``lightly_head``."""
-    budget = 2 * count_parameters(lightly_head)
-    try:
-        return fit_width(build, budget, mode="at_most", name="expert_hidden_dim")
-    except ValueError as err:
-        raise ValueError(
-            f"the default expert width gives the STAR head at most 2x the {budget // 2:,} parameters of the lightly "
-            f"head it replaces, and none fits ({err}); pass expert_hidden_dim= explicitly"
-        ) from None
 
 
 class STARSimCLRProjectionHead(_LightlyDropIn):
@@ -427,10 +460,11 @@ class STARSimCLRProjectionHead(_LightlyDropIn):
     Args:
         input_dim, hidden_dim, output_dim, num_layers, batch_norm: As lightly's head (``hidden_dim`` sizes
             the parameter budget; ``num_layers >= 2``).
-        num_experts: N.
-        expert_hidden_dim: Hidden width of every expert. Default: the largest width at which the STAR head
-            has at most twice the parameters of lightly's head with the same arguments (the two heads STAR
-            replaces); ``expert_hidden_dim=hidden_dim`` gives the paper's per-expert shape.
+        num_experts: N (default 8; 4 or 2 where 8 experts do not fit the default budget).
+        expert_hidden_dim: Hidden width of every expert. Default: the largest width (a multiple of 8 where the
+            budget allows) at which the STAR head has at most twice the parameters of lightly's head with the same
+            arguments (the two heads STAR replaces); ``expert_hidden_dim=hidden_dim`` gives the paper's
+            per-expert shape.
         tasks: Task names.
         **options: As :class:`MMoEHead` (``norm_layer``, ``act_layer``, router options, ...).
     """
@@ -443,7 +477,7 @@ class STARSimCLRProjectionHead(_LightlyDropIn):
         num_layers: int = 2,
         batch_norm: bool = True,
         *,
-        num_experts: int = 8,
+        num_experts: int | None = None,
         expert_hidden_dim: int | None = None,
         tasks: Sequence[str] = ("inv", "eq"),
         **options: Any,
@@ -468,7 +502,7 @@ class STARVICRegProjectionHead(_LightlyDropIn):
         output_dim: int = 8192,
         num_layers: int = 3,
         *,
-        num_experts: int = 8,
+        num_experts: int | None = None,
         expert_hidden_dim: int | None = None,
         tasks: Sequence[str] = ("inv", "eq"),
         **options: Any,

@@ -101,6 +101,10 @@ class SoftRouter(nn.Module):
         check_float_tensor(x, "x", sizes=(None, self.input_dim))
         if task_index is not None:
             check_int(task_index, "task_index", minimum=0, maximum=self.num_tasks - 1)
+        return self._gates(x, task_index)
+
+    def _gates(self, x: torch.Tensor, task_index: int | None = None) -> torch.Tensor:
+        """:meth:`forward` without the checks, for a caller that validated ``x`` and ``task_index`` already."""
         n = self.num_experts
         rows = slice(None) if task_index is None else slice(task_index * n, (task_index + 1) * n)
         if self.conditional:
@@ -133,7 +137,8 @@ def _keep_top_k(gates: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RoutingStats:
-    """What users log to see expert specialisation (the STAR paper, arXiv 2510.27222, analyses experts as shared vs task-specific).
+    """What users log to see expert specialisation (the STAR paper, arXiv 2510.27222, analyses experts as shared vs
+    task-specific).
 
     Attributes:
         mean_gate: ``[T, N]`` mean gate of each expert for each task (rows sum to 1): the expert's load.
@@ -170,7 +175,7 @@ class RoutingStats:
         if not isinstance(prefix, str):
             raise TypeError(
                 f"prefix must be a str, got {type(prefix).__name__} {prefix!r} "
-                "(task names now go to routing_stats(gates, tasks=...))"
+                "(task names are given to routing_stats(gates, tasks=...))"
             )
         names = self.tasks or tuple(str(t) for t in range(self.mean_gate.shape[0]))
         out: dict[str, float] = {}

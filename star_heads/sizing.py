@@ -18,19 +18,38 @@ router settings) is accounted for without a hand-written formula.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
 from torch import nn
 
 from star_heads._checks import check_choice, check_positive_int
 from star_heads.expert_layers import ExpertLinear
 
-__all__ = ["count_parameters", "linear_macs", "fit_width", "PARAM_RTOL", "FLOP_RTOL"]
+__all__ = [
+    "count_parameters",
+    "linear_macs",
+    "fit_width",
+    "drop_in_hidden_dim",
+    "drop_in_size",
+    "on_meta",
+    "DROP_IN_FACTOR",
+    "DEFAULT_NUM_EXPERTS",
+    "PARAM_RTOL",
+    "FLOP_RTOL",
+]
 
+FitMode = Literal["nearest", "at_most"]
+"""How :func:`fit_width` picks a width: the nearest parameter count, or the largest at most the budget."""
 PARAM_RTOL = 0.05
 """Relative tolerance of a parameter-matched baseline's parameter count."""
 FLOP_RTOL = 0.10
 """Relative tolerance of a parameter-matched baseline's FLOP count (:func:`linear_macs`)."""
+DROP_IN_FACTOR = 2
+"""The one sizing rule: by default a STAR head has at most this many times the parameters of the head it replaces
+(the invariant and the equivariant head that STAR shares one bank between)."""
+DEFAULT_NUM_EXPERTS = 8
+"""Experts of a drop-in head unless told; fewer (4, then 2) only where 8 experts of width 1 exceed the budget."""
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -58,7 +77,7 @@ def fit_width(
     build: Callable[[int], nn.Module],
     budget: int,
     *,
-    mode: Literal["nearest", "at_most"] = "nearest",
+    mode: FitMode = "nearest",
     multiple_of: int = 1,
     name: str = "hidden_dim",
 ) -> int:
@@ -72,6 +91,9 @@ def fit_width(
         multiple_of: Only consider widths that are multiples of this (e.g. 8 for tensor cores).
         name: Name of the width in error messages.
 
+    Tensor cores want widths that are multiples of 8: :func:`drop_in_hidden_dim` rounds down to one wherever
+    the budget allows a width of 8 or more.
+
     Returns:
         The width (a positive multiple of ``multiple_of``).
 
@@ -81,7 +103,7 @@ def fit_width(
     """
     budget = check_positive_int(budget, "budget")
     multiple_of = check_positive_int(multiple_of, "multiple_of")
-    check_choice(mode, "mode", ("nearest", "at_most"))
+    check_choice(mode, "mode", FitMode)
 
     def count(k: int) -> int:
         return count_parameters(build(k * multiple_of))
@@ -109,3 +131,63 @@ def fit_width(
     else:
         k = hi if count(hi) - budget < budget - count(lo) else lo
     return k * multiple_of
+
+
+def on_meta(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the module built on the ``meta`` device (a reference to count, never run)."""
+    return {**{k: v for k, v in options.items() if k not in ("device", "dtype")}, "device": "meta"}
+
+
+def drop_in_hidden_dim(
+    build: Callable[[int], nn.Module], replaced_params: int, *, name: str = "expert_hidden_dim"
+) -> int:
+    """The default hidden width of a STAR head that replaces a head of ``replaced_params`` parameters.
+
+    The largest width at which ``build(width)`` has at most :data:`DROP_IN_FACTOR` (2) times ``replaced_params``
+    parameters, rounded down to a multiple of 8 when that is 8 or more (tensor cores). Every drop-in entry point
+    uses it: the lightly drop-in heads, :func:`~star_heads.integrations.swap_projector` (and so
+    ``replace_projection_head`` / solo-learn's ``replace_projector``) and :func:`~star_heads.build_head`.
+
+    Args:
+        build: ``width -> head``, built on ``device="meta"`` (:func:`on_meta`).
+        replaced_params: Parameters of the replaced head (:func:`count_parameters`).
+        name: The width's name in errors.
+
+    Raises:
+        ValueError: even width 1 exceeds the budget (the message says to pass the width explicitly).
+    """
+    budget = DROP_IN_FACTOR * check_positive_int(replaced_params, "replaced_params")
+    try:
+        width = fit_width(build, budget, mode="at_most", name=name)
+    except ValueError as err:
+        raise ValueError(
+            f"the default {name} gives the STAR head at most {DROP_IN_FACTOR}x the {replaced_params:,} parameters of "
+            f"the head it replaces, and none fits ({err}); pass {name}= explicitly"
+        ) from None
+    return width // 8 * 8 if width >= 8 else width
+
+
+def _with_experts(build: Callable[[int, int], nn.Module], num_experts: int, width: int) -> nn.Module:
+    return build(width, num_experts)
+
+
+def drop_in_size(
+    build: Callable[[int, int], nn.Module],
+    replaced_params: int,
+    num_experts: int | None,
+    *,
+    name: str = "expert_hidden_dim",
+) -> tuple[int, int]:
+    """``(hidden width, num_experts)`` of a drop-in STAR head: :func:`drop_in_hidden_dim` at ``num_experts``, or
+    at :data:`DEFAULT_NUM_EXPERTS` (8) when None — then 4 or 2 where the routers and 8 experts of width 1 alone
+    exceed the budget (small heads such as hidden width 8). ``build(width, num_experts)`` builds on meta."""
+    if num_experts is not None:
+        n = check_positive_int(num_experts, "num_experts")
+        return drop_in_hidden_dim(lambda w: build(w, n), replaced_params, name=name), n
+    for n in (DEFAULT_NUM_EXPERTS, 4, 2):
+        try:
+            return drop_in_hidden_dim(partial(_with_experts, build, n), replaced_params, name=name), n
+        except ValueError:
+            if n == 2:
+                raise
+    raise AssertionError("unreachable")

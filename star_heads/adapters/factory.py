@@ -9,6 +9,7 @@ from torch import nn
 from star_heads._checks import check_bool, choices
 from star_heads.baselines import SeparateHeads, SharedSpecificHead
 from star_heads.heads import ROUTER_OPTIONS, STARHead, TaskHead
+from star_heads.sizing import DEFAULT_NUM_EXPERTS, count_parameters, drop_in_size, on_meta
 
 __all__ = ["HEAD_KINDS", "HeadKind", "build_head"]
 
@@ -29,11 +30,15 @@ def build_head(
 ) -> TaskHead | nn.Module:
     """Returns a head with tasks ``("inv", "eq")`` (``"single"``: ``("inv",)``), or ``kind`` itself if it is a module.
 
-    Every kind uses the same expert shape ``input_dim → hidden → hidden → output_dim`` (hidden defaults to
-    ``input_dim``, as in the STAR paper, arXiv 2510.27222), so ablations differ only in how the tasks share
-    parameters:
+    Every kind has the depth ``num_layers`` and output width ``output_dim``; the baselines' hidden width defaults
+    to ``input_dim`` (the STAR paper's expert shape, arXiv 2510.27222). A ``"star"`` head follows the package's one
+    sizing rule (:func:`~star_heads.sizing.drop_in_size`, table in docs/heads.md): by default it has at most twice
+    the parameters of the ``"single"`` head of the same arguments (the head a user of the method would otherwise
+    use), at the largest expert width (a multiple of 8 where the budget allows) that fits; ``hidden_dim=input_dim``
+    gives the paper's per-expert shape (about N times those parameters).
 
-    * ``"star"``: :class:`~star_heads.STARHead`, ``num_experts`` (default 8) experts with one soft router per task;
+    * ``"star"``: :class:`~star_heads.STARHead`, ``num_experts`` (default 8; 4 or 2 where 8 do not fit the
+      default budget) experts with one soft router per task;
     * ``"separate"``: :class:`~star_heads.SeparateHeads`, one MLP per task (EquiMod-style; for EquiMod's
       exact 2048-wide heads use ``SeparateHeads.equimod``);
     * ``"shared"``: :class:`~star_heads.SharedSpecificHead` (STAR-SS);
@@ -50,12 +55,12 @@ def build_head(
         input_dim: Backbone feature size d.
         num_experts: Experts of a STAR head (default 8); only for ``"star"`` or with ``match_params``.
         output_dim: Embedding size.
-        hidden_dim: Hidden width (default ``input_dim``).
+        hidden_dim: Hidden width (baselines: default ``input_dim``; ``"star"``: default the sizing rule above).
         num_layers: Linear layers per expert / MLP.
         match_params: Size a baseline kind to the STAR head of the same arguments.
         **options: Flat layer options valid for every kind (``norm_layer``, ``act_layer``,
-            ``last_norm_layer``, ``last_bias``, ``hidden_bias``, ``check_finite``, ``device``, ``dtype``) and router options
-            (``temperature``, ``learn_temperature``, ``conditional``, ``top_k``) valid for ``"star"`` or
+            ``last_norm_layer``, ``last_bias``, ``hidden_bias``, ``check_finite``, ``device``, ``dtype``) and router
+            options (``temperature``, ``learn_temperature``, ``conditional``, ``top_k``) valid for ``"star"`` or
             with ``match_params``.
 
     Raises:
@@ -83,9 +88,31 @@ def build_head(
     if kind == "star" or match_params:
         if kind == "star" and match_params:
             raise ValueError("match_params sizes a baseline against STAR; it does not apply to kind 'star'")
+        n = num_experts
+        if hidden_dim is None:  # the one sizing rule: at most 2x the single-task head of the same arguments
+            single = SeparateHeads(input_dim, input_dim, output_dim, num_layers, tasks=("inv",), **on_meta(options))
+            hidden, n = drop_in_size(
+                lambda h, k: STARHead(
+                    input_dim,
+                    output_dim,
+                    num_experts=k,
+                    hidden_dim=h,
+                    num_layers=num_layers,
+                    **router,
+                    **on_meta(options),
+                ),
+                count_parameters(single),
+                num_experts,
+                name="hidden_dim",
+            )
         star = STARHead(
-            input_dim, output_dim, num_experts=8 if num_experts is None else num_experts, hidden_dim=hidden,
-            num_layers=num_layers, **router, **(options if kind == "star" else _meta(options)),
+            input_dim,
+            output_dim,
+            num_experts=DEFAULT_NUM_EXPERTS if n is None else n,
+            hidden_dim=hidden,
+            num_layers=num_layers,
+            **router,
+            **(options if kind == "star" else on_meta(options)),
         )
         if kind == "star":
             return star
@@ -100,8 +127,3 @@ def build_head(
     if match_params:
         return cls.param_matched(star, input_dim, output_dim, num_layers, tasks=tasks, **options)
     return cls(input_dim, hidden, output_dim, num_layers, tasks=tasks, **options)
-
-
-def _meta(options: dict[str, Any]) -> dict[str, Any]:
-    """The layer options with the head built on the meta device (a reference to count, never run)."""
-    return {**{k: v for k, v in options.items() if k not in ("device", "dtype")}, "device": "meta"}

@@ -5,31 +5,25 @@ projectors and any plain ``nn.Sequential`` of ``Linear → [norm] → [activatio
 the new head gets the same depth, widths, hidden norm (none, BatchNorm with its ``eps`` / ``momentum`` /
 ``affine``, LayerNorm), activation (with its options) and last-layer norm and bias (STAR, Sec. 3 of
 arXiv 2510.27222: N experts of the projector's shape, one soft router per task). What an expert bank
-cannot represent is refused with an error naming the layer.
+cannot represent is refused with an error naming the layer: the grammar is :mod:`star_heads.expert_spec`, the
+one ``ExpertBank.from_modules`` reads.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 
 from star_heads._checks import check_bool
-from star_heads.heads import STARSimCLRProjectionHead
+from star_heads.expert_spec import parse_expert
+from star_heads.heads import MMoEHead, STARSimCLRProjectionHead
+from star_heads.sizing import count_parameters, drop_in_size, on_meta
 
 __all__ = ["swap_projector", "projector_shape", "projector_spec", "ProjectorSpec"]
-
-_NORMS = (nn.BatchNorm1d, nn.SyncBatchNorm, nn.LayerNorm)
-_ACTS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Tanh, nn.Sigmoid,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus,
-)
-
 
 @dataclass(frozen=True)
 class ProjectorSpec:
@@ -47,17 +41,14 @@ class ProjectorSpec:
     act_layer: Any = None
     last_norm_layer: Any = None
     last_bias: bool = True
-    hidden_bias: bool = False
+    hidden_bias: bool | tuple[bool, ...] = False
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def options(self) -> dict[str, Any]:
-        opts = {
-            "norm_layer": self.norm_layer, "last_norm_layer": self.last_norm_layer, "last_bias": self.last_bias,
-            "hidden_bias": self.hidden_bias,
+        return {
+            "norm_layer": self.norm_layer, "act_layer": self.act_layer, "last_norm_layer": self.last_norm_layer,
+            "last_bias": self.last_bias, "hidden_bias": self.hidden_bias,
         }
-        if self.act_layer is not None:
-            opts["act_layer"] = self.act_layer
-        return opts
 
 
 def projector_shape(projector: nn.Module) -> tuple[int, int, int, int]:
@@ -70,9 +61,9 @@ def projector_spec(projector: nn.Module, *, drop_hidden_bias: bool = False) -> P
     """Reads the architecture of an MLP projector.
 
     Args:
-        projector: An ``nn.Sequential`` (nested ones are flattened) or a lightly ``ProjectionHead``, made of
-            blocks ``Linear → [BatchNorm1d | SyncBatchNorm | LayerNorm] → [elementwise activation]``; every
-            block but the last has an activation, all hidden blocks are alike, ``nn.Identity`` is skipped.
+        projector: An ``nn.Sequential`` (nested ones are flattened) or a lightly ``ProjectionHead``, in the expert
+            grammar of :mod:`star_heads.expert_spec` (``Linear → [norm] → [activation]`` blocks, hidden blocks
+            alike, ``nn.Identity`` skipped): exactly what ``ExpertBank.from_modules`` accepts.
         drop_hidden_bias: Build experts without the hidden Linear biases the projector has (the paper's
             experts have none; a BatchNorm after them cancels them anyway). By default they are kept, so
             the experts reproduce the projector's layers exactly (solo-learn's SimCLR projector has them).
@@ -82,38 +73,23 @@ def projector_spec(projector: nn.Module, *, drop_hidden_bias: bool = False) -> P
         ValueError: a layer or a layout that the expert bank cannot represent (the message names it).
     """
     check_bool(drop_hidden_bias, "drop_hidden_bias")
-    where = type(projector).__name__
-    blocks = _blocks(_layers(projector), where)
-    hidden, last = blocks[:-1], blocks[-1]
-    if last["act"] is not None:
-        raise ValueError(f"{where}: the last Linear is followed by an activation ({last['act']!r}); expert outputs end in a Linear or a norm")
+    spec = parse_expert(_layers(projector), type(projector).__name__)
     notes: list[str] = []
-    spec: dict[str, Any] = {}
-    if hidden:
-        kinds = {(b["linear"].out_features, _key(b["norm"]), _key(b["act"]), b["linear"].bias is not None) for b in hidden}
-        if len(kinds) > 1:
-            raise ValueError(f"{where}: the hidden blocks differ (width, norm, activation or bias: {sorted(map(str, kinds))}); experts repeat one block")
-        first = hidden[0]
-        if first["act"] is None:
-            raise ValueError(f"{where}: hidden Linear {first['linear']} has no activation after it; experts need one between Linears")
-        bias = first["linear"].bias is not None
-        if bias and drop_hidden_bias:
-            bias = False
-            notes.append("hidden Linear biases dropped (drop_hidden_bias=True)")
-        spec.update(norm_layer=_norm_spec(first["norm"]), act_layer=_act_spec(first["act"]), hidden_bias=bias)
-    linears = [b["linear"] for b in blocks]
-    for prev, nxt in zip(linears, linears[1:]):
-        if prev.out_features != nxt.in_features:
-            raise ValueError(f"{where}: {prev} feeds {nxt}: widths do not chain")
+    hidden_bias = spec.hidden_bias
+    if drop_hidden_bias and hidden_bias:
+        hidden_bias = False
+        notes.append("hidden Linear biases dropped (drop_hidden_bias=True)")
     return ProjectorSpec(
-        input_dim=linears[0].in_features,
-        hidden_dim=linears[0].out_features if hidden else linears[0].in_features,
-        output_dim=linears[-1].out_features,
-        num_layers=len(linears),
-        last_norm_layer=_norm_spec(last["norm"]),
-        last_bias=last["linear"].bias is not None,
+        input_dim=spec.input_dim,
+        hidden_dim=spec.hidden_dim,
+        output_dim=spec.output_dim,
+        num_layers=spec.num_layers,
+        norm_layer=spec.norm_layer,
+        act_layer=spec.act_layer,
+        last_norm_layer=spec.last_norm_layer,
+        last_bias=spec.last_bias,
+        hidden_bias=hidden_bias,
         notes=tuple(notes),
-        **spec,
     )
 
 
@@ -122,7 +98,8 @@ def swap_projector(
     attr: str = "projector",
     *,
     momentum_attr: str | None = None,
-    num_experts: int = 8,
+    num_experts: int | None = None,
+    expert_hidden_dim: int | None = None,
     drop_hidden_bias: bool = False,
     **options: Any,
 ) -> STARSimCLRProjectionHead:
@@ -140,7 +117,12 @@ def swap_projector(
             solo-learn's BYOL/MoCo/...): it must have the same architecture, and becomes a copy of the new
             head with the old momentum parameters' ``requires_grad``, so the method's momentum pairs and its
             updater (which zips the two heads' parameters) stay consistent.
-        num_experts: Experts of the STAR head.
+        num_experts: Experts of the STAR head (default 8; 4 or 2 only where 8 do not fit the default budget).
+        expert_hidden_dim: Hidden width of every expert. Default: the package's sizing rule
+            (:func:`~star_heads.sizing.drop_in_size`): the largest width, a multiple of 8 where the budget allows,
+            at which the STAR head has at most twice the parameters of the projector it replaces.
+            ``expert_hidden_dim=<the projector's hidden width>`` gives the paper's per-expert shape (every expert
+            a copy of the projector's shape, about N times its parameters).
         drop_hidden_bias: See :func:`projector_spec`.
         **options: Head options (``tasks``, router options, ...); layer options given here override what
             was read from the projector.
@@ -156,7 +138,9 @@ def swap_projector(
     old = _get(module, attr)
     spec = projector_spec(old, drop_hidden_bias=drop_hidden_bias)
     if spec.num_layers < 2:
-        raise ValueError(f"{type(old).__name__}: a single Linear projector has no hidden layer to share; nothing to swap")
+        raise ValueError(
+            f"{type(old).__name__}: a single Linear projector has no hidden layer to share; nothing to swap"
+        )
     momentum = None
     if momentum_attr is not None:
         momentum = _get(module, momentum_attr)
@@ -165,9 +149,23 @@ def swap_projector(
             raise ValueError(f"{momentum_attr!r} has another architecture than {attr!r}: {other} vs {spec}")
     ref = next(old.parameters(), None)
     factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    config = {**spec.options(), **factory, **options}
+    if expert_hidden_dim is None:
+        expert_hidden_dim, num_experts = drop_in_size(
+            lambda h, n: MMoEHead(
+                spec.input_dim, h, spec.output_dim, spec.num_layers, num_experts=n, **on_meta(config)
+            ),
+            count_parameters(old),
+            num_experts,
+        )
     head = STARSimCLRProjectionHead(
-        spec.input_dim, spec.hidden_dim, spec.output_dim, spec.num_layers,
-        num_experts=num_experts, expert_hidden_dim=spec.hidden_dim, **{**spec.options(), **factory, **options},
+        spec.input_dim,
+        spec.hidden_dim,
+        spec.output_dim,
+        spec.num_layers,
+        num_experts=num_experts,
+        expert_hidden_dim=expert_hidden_dim,
+        **config,
     )
     head.train(old.training)
     if momentum is not None:
@@ -178,7 +176,7 @@ def swap_projector(
             target = target.to(device=ref.device, dtype=ref.dtype)
         target.requires_grad_(not frozen)
         target.train(momentum.training)
-        setattr(module, momentum_attr, target)
+        setattr(module, str(momentum_attr), target)
     setattr(module, attr, head)
     return head
 
@@ -193,20 +191,34 @@ def _get(module: nn.Module, attr: str) -> nn.Module:
 
 
 def _comparable(spec: ProjectorSpec) -> tuple:
-    return (spec.input_dim, spec.hidden_dim, spec.output_dim, spec.num_layers, _key(spec.norm_layer),
-            _key(spec.act_layer), _key(spec.last_norm_layer), spec.last_bias, spec.hidden_bias)
+    return (
+        spec.input_dim,
+        spec.hidden_dim,
+        spec.output_dim,
+        spec.num_layers,
+        _key(spec.norm_layer),
+        _key(spec.act_layer),
+        _key(spec.last_norm_layer),
+        spec.last_bias,
+        spec.hidden_bias,
+    )
 
 
 def _layers(projector: nn.Module) -> list[nn.Module]:
     """The flat layer list of a Sequential or a lightly ProjectionHead (whose forward is ``self.layers(x)``)."""
     if not isinstance(projector, nn.Module):
         raise TypeError(f"projector must be an nn.Module, got {type(projector).__name__}")
-    lightly = any(c.__name__ == "ProjectionHead" and c.__module__.startswith("lightly") for c in type(projector).__mro__)
-    if lightly and isinstance(getattr(projector, "layers", None), nn.Sequential):
-        projector = projector.layers
+    lightly = any(
+        c.__name__ == "ProjectionHead" and c.__module__.startswith("lightly") for c in type(projector).__mro__
+    )
+    layers = getattr(projector, "layers", None)
+    if lightly and isinstance(layers, nn.Sequential):
+        projector = layers
     if not isinstance(projector, nn.Sequential):
         if not any(isinstance(m, nn.Linear) for m in projector.modules()):
-            raise ValueError(f"cannot read the shape of projector {type(projector).__name__}: it has no nn.Linear layers")
+            raise ValueError(
+                f"cannot read the shape of projector {type(projector).__name__}: it has no nn.Linear layers"
+            )
         raise TypeError(
             f"cannot read the architecture of {type(projector).__name__}: its forward is its own; expected an "
             "nn.Sequential or a lightly ProjectionHead"
@@ -217,58 +229,8 @@ def _layers(projector: nn.Module) -> list[nn.Module]:
     return [m for m in flat if not isinstance(m, nn.Identity)]
 
 
-def _blocks(layers: list[nn.Module], where: str) -> list[dict[str, Any]]:
-    if not layers or not isinstance(layers[0], nn.Linear):
-        first = layers[0] if layers else "nothing"
-        if not any(isinstance(m, nn.Linear) for m in layers):
-            raise ValueError(f"cannot read the shape of projector {where}: it has no nn.Linear layers")
-        raise ValueError(f"{where}: expected a Linear first, got {first}")
-    blocks: list[dict[str, Any]] = []
-    for m in layers:
-        if isinstance(m, nn.Linear):
-            blocks.append({"linear": m, "norm": None, "act": None})
-            continue
-        block = blocks[-1]
-        if isinstance(m, _NORMS) and block["norm"] is None and block["act"] is None:
-            block["norm"] = m
-        elif isinstance(m, _ACTS) and block["act"] is None:
-            block["act"] = m
-        else:
-            raise ValueError(
-                f"{where}: cannot represent {m!r} after {block['linear']} in an expert bank (supported: Linear, then "
-                "BatchNorm1d / SyncBatchNorm / LayerNorm, then one elementwise activation such as ReLU or GELU)"
-            )
-    return blocks
-
-
-def _norm_spec(norm: nn.Module | None):
-    if norm is None:
-        return None
-    if isinstance(norm, nn.LayerNorm):
-        if len(norm.normalized_shape) != 1 or (norm.elementwise_affine and norm.bias is None):
-            raise ValueError(f"cannot represent {norm!r}: experts take a 1-D LayerNorm with weight and bias, or neither")
-        return partial(nn.LayerNorm, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
-    return partial(type(norm), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                   track_running_stats=norm.track_running_stats)
-
-
-def _act_spec(act: nn.Module):
-    """The activation's class with every constructor option it stores bound (``inplace`` left to the bank)."""
-    names = [p for p in inspect.signature(type(act).__init__).parameters if p not in ("self", "inplace")]
-    missing = [p for p in names if not hasattr(act, p)]
-    if missing:
-        raise ValueError(f"cannot read the options {missing} of {act!r}")
-    return partial(type(act), **{p: getattr(act, p) for p in names})
-
-
-def _key(layer) -> Any:
-    """A comparable description of a layer class/partial/module (class and options)."""
+def _key(layer: Any) -> Any:
+    """A comparable description of a layer option (class with options bound, or None)."""
     if layer is None:
         return None
-    if isinstance(layer, partial):
-        return (layer.func.__name__, tuple(sorted(layer.keywords.items())))
-    if isinstance(layer, (nn.LayerNorm, nn.modules.batchnorm._NormBase)):
-        return _key(_norm_spec(layer))
-    if isinstance(layer, _ACTS):
-        return _key(_act_spec(layer))
-    return type(layer).__name__
+    return (layer.func.__name__, tuple(sorted(layer.keywords.items()))) if isinstance(layer, partial) else layer

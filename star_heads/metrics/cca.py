@@ -23,15 +23,17 @@ direction by s/sqrt(s² + ridge·mean(s²)). Also SVCCA (Raghu et al., 2017) and
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from star_heads.metrics.covariance import (
     gram,
+    host_scale_exponent,
     magnitude,
-    power_of_two_scale,
     rounding_floor,
     shrink_factors,
+    times_power_of_two,
     view_spectrum,
     whitened_correlations,
 )
@@ -62,8 +64,8 @@ def _prepare(view: torch.Tensor, name: str, out: torch.Tensor | None = None) -> 
     top = float(magnitude(view))
     if not math.isfinite(top):
         raise ValueError(f"{name} contains NaN or Inf values")
-    out = view.detach().to(torch.float64, copy=True) if out is None else out.copy_(view.detach())
-    out.mul_(power_of_two_scale(top))  # exact: no overflow or underflow in the Gram matrix
+    scaled = times_power_of_two(view, -host_scale_exponent(top))  # exact: no overflow or underflow in the Gram matrix
+    out = scaled if out is None else out.copy_(scaled)
     out.sub_(out.mean(dim=0, keepdim=True))
     return out.sub_(out.mean(dim=0, keepdim=True))  # again: removes the rounding of the first mean
 
@@ -140,7 +142,7 @@ def canonical_correlations(
         return _correlations(_prepare_pair(x, y), x.shape[1], tol, ridge)
 
 
-def mean_canonical_correlation(x: torch.Tensor, y: torch.Tensor, **kwargs: float | None) -> torch.Tensor:
+def mean_canonical_correlation(x: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Plain mean of the min(rank_x, rank_y) canonical correlations (0-d float64 tensor).
 
     ρ̄ = (1/k) Σ_i ρ_i, the statistic by which STAR (arXiv 2510.27222) measures redundancy between

@@ -17,32 +17,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+
+from star_heads._checks import check_choice
 
 __all__ = [
     "SPREAD_LIMIT",
     "ViewSpectrum",
     "gram",
+    "EXPONENT_LIMIT",
+    "GramBackend",
+    "host_scale_exponent",
     "magnitude",
-    "power_of_two",
-    "power_of_two_scale",
     "rounding_floor",
     "scale_exponent",
     "scaled",
+    "times_power_of_two",
     "shrink_factors",
     "view_spectrum",
     "whitened_correlations",
 ]
 
 SPREAD_LIMIT = 1e6
-"""Largest λ_max / λ_min among kept directions for which the covariance route is trusted (tests: within 1e-10 of a QR oracle)."""
+"""Largest λ_max / λ_min among kept directions for which the covariance route is trusted (tests: within 1e-10 of a
+QR oracle)."""
 
 DROP_MARGIN = 1e-2
 """Dropped directions must lie a factor 100 below the cut-off (λ <= 1e-2 · rank_tol² · λ_max) to be trusted."""
 
 EPS = float(torch.finfo(torch.float64).eps)
+
+GramBackend = Literal["auto", "numpy", "torch"]
 
 
 def rounding_floor(n: int) -> float:
@@ -52,7 +60,9 @@ def rounding_floor(n: int) -> float:
     return (4 * EPS) ** 2 * n
 
 
-_EXP_LIMIT = 1000  # 2^±1000 stays finite; scaled maxima lie in [2^-30, 2^24] for any finite float64 input
+EXPONENT_LIMIT = 1100
+"""Scale exponents are clamped to ±1100, which covers every finite float64 (subnormals reach 2^-1074); an all-zero
+view gets −1100. Scaled maxima then lie in [0.5, 1) for any finite nonzero input."""
 
 
 def magnitude(x: torch.Tensor) -> torch.Tensor:
@@ -62,41 +72,50 @@ def magnitude(x: torch.Tensor) -> torch.Tensor:
 
 
 def scale_exponent(top: torch.Tensor) -> torch.Tensor:
-    """float64 e (same shape as ``top``) with top · 2^-e in [0.5, 1), clamped to ±1000; −1000 where top = 0.
+    """float64 e (same shape as ``top``) with top · 2^-e in [0.5, 1); −1100 where top = 0.
 
     ``top`` is a magnitude max |x| (:func:`magnitude`); computed on its device without a host sync.
     """
     top = top.to(torch.float64)
     _, exponent = torch.frexp(top)
-    exponent = torch.where(top > 0, exponent.to(torch.float64), torch.full_like(top, -_EXP_LIMIT))
-    return exponent.clamp(-_EXP_LIMIT, _EXP_LIMIT)
+    exponent = torch.where(top > 0, exponent.to(torch.float64), torch.full_like(top, -EXPONENT_LIMIT))
+    return exponent.clamp(-EXPONENT_LIMIT, EXPONENT_LIMIT)
 
 
-def power_of_two(exponent: torch.Tensor) -> torch.Tensor:
-    """2^exponent (float64, exact for the integral exponents of :func:`scale_exponent`), on its device."""
-    return torch.ldexp(torch.ones_like(exponent), exponent)
+def host_scale_exponent(top: float) -> int:
+    """Host-side twin of :func:`scale_exponent` for a finite Python float (0 for top = 0: nothing to scale)."""
+    if top == 0:
+        return 0
+    return min(max(math.frexp(top)[1], -EXPONENT_LIMIT), EXPONENT_LIMIT)
+
+
+def times_power_of_two(x: torch.Tensor, exponent: torch.Tensor | int) -> torch.Tensor:
+    """x · 2^exponent in float64, exact wherever the result is representable (integral ``exponent``).
+
+    Two half-steps, because 2^exponent alone overflows or underflows for |exponent| > 1023 while the product
+    (a subnormal input brought to [0.5, 1), say) does not. No host sync for a tensor ``exponent``.
+    """
+    x = x.detach().to(torch.float64)
+    e = torch.as_tensor(exponent, dtype=torch.float64, device=x.device)
+    half = torch.trunc(e / 2)
+    return x * torch.exp2(half) * torch.exp2(e - half)
 
 
 def scaled(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     """x · 2^-exponent in float64: exact (a power of two), so CCA is unchanged and G cannot overflow."""
-    return x.detach().to(torch.float64) * power_of_two(-exponent)
+    return times_power_of_two(x, -exponent)
 
 
-def power_of_two_scale(top: float) -> float:
-    """2^-e for a finite max |x| = ``top`` (host-side twin of :func:`scale_exponent`; 1.0 for top = 0)."""
-    if top == 0:
-        return 1.0
-    return 2.0 ** -min(max(math.frexp(top)[1], -_EXP_LIMIT), _EXP_LIMIT)
-
-
-def gram(z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+def gram(z: torch.Tensor, w: torch.Tensor | None = None, *, backend: GramBackend = "auto") -> torch.Tensor:
     """Zᵀ Z (or Zᵀ W) of float64 [n, d] matrices.
 
-    On the CPU through numpy's BLAS, whose ``a.T @ a`` is a symmetric rank-k update (half the flops of
-    the general product torch would run) and whose general product was ~2x torch's MKL on the AMD CPU
-    this was tuned on; elsewhere with torch.
+    ``backend="auto"`` uses numpy's BLAS on the CPU, whose ``a.T @ a`` is a symmetric rank-k update (half the
+    flops of the general product torch would run) and whose general product was ~2x torch's MKL on the AMD CPU
+    this was tuned on, and torch elsewhere; ``"numpy"`` (CPU tensors only) and ``"torch"`` force one branch, so
+    both are tested on the CPU.
     """
-    if z.device.type == "cpu":
+    check_choice(backend, "backend", GramBackend)
+    if backend == "numpy" or (backend == "auto" and z.device.type == "cpu"):
         zn = z.contiguous().numpy()
         wn = zn if w is None else w.contiguous().numpy()
         with np.errstate(all="ignore"):  # NaN/Inf (an unchecked meter batch) propagate, as in torch
@@ -182,4 +201,5 @@ def whitened_correlations(
     t = wx.T @ cross @ wy
     if fx is not None and fy is not None:
         t = t * fx[:, None] * fy[None, :]
-    return torch.linalg.svdvals(t).clamp_(0.0, 1.0)
+    rho: torch.Tensor = torch.linalg.svdvals(t).clamp_(0.0, 1.0)
+    return rho

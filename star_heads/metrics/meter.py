@@ -9,21 +9,32 @@ QR/SVD fallback: for views whose kept directions span a variance ratio λ_max/λ
 about eps·κ² (≤ 1e-11 for κ² ≤ 1e4; at most ~1e-6 with the default rank_tol, which caps κ² at 1e10).
 
 Sync semantics follow torchmetrics: ``sync()`` replaces the local statistics by those of all ranks
-and keeps the local ones aside; ``unsync()`` restores them; ``update``/``merge``/``sync`` on a synced
-meter raise, so samples can never be counted twice.
+and keeps the local ones aside; ``unsync()`` restores them; ``update``/``merge``/``sync``/``state_dict`` on a
+synced meter raise, so samples can never be counted twice. The merge rule (common exponent, common shift, then
+sums) is :mod:`star_heads.metrics.statistics`'s, for the local ``merge`` and the all-reduce alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from star_heads._checks import check_bool, check_positive_int
-from star_heads.metrics.covariance import magnitude, rounding_floor, view_spectrum, whitened_correlations
+from star_heads._precision import autocast_dtype
+from star_heads.metrics.covariance import (
+    magnitude,
+    rounding_floor,
+    times_power_of_two,
+    view_spectrum,
+    whitened_correlations,
+)
 from star_heads.metrics.null import null_mean_canonical_correlation
 from star_heads.metrics.statistics import CCAStatistics
 from star_heads.metrics.validation import check_cca_options, check_keep, check_sample_size, check_views
@@ -72,8 +83,13 @@ class CCAResult:
         return {prefix + k: float(v) for k, v in values.items() if v is not None}
 
 
-class CCAMeter:
+class CCAMeter(nn.Module):
     """Accumulates two views batch by batch and computes their canonical correlations.
+
+    An ``nn.Module`` whose statistics (:class:`~star_heads.metrics.statistics.CCAStatistics`, float64) are
+    registered state, as in a torchmetrics ``Metric``: ``.to(device)`` moves them, ``state_dict`` /
+    ``load_state_dict`` save and restore them (so a meter checkpoints with the model that holds it), a dtype
+    cast leaves them float64. An empty meter moves to the device of the first batch it sees.
 
     Args:
         p: Width of view x.
@@ -84,9 +100,9 @@ class CCAMeter:
         check_finite: Check every batch for NaN/Inf in ``update`` (a device sync). When False,
             non-finite values are detected in ``compute`` instead.
         svcca_keep: Also report SVCCA keeping this fraction of each view's variance (None = no).
+        device: Where the statistics start (default: the CPU, until the first batch).
 
-    Statistics live on the device of the first batch, in float64. Picklable; ``merge`` is exact;
-    ``sync`` all-reduces over torch.distributed (see the module docstring for its guard).
+    ``merge`` is exact; ``sync`` all-reduces over torch.distributed (see the module docstring for its guard).
     """
 
     def __init__(
@@ -99,30 +115,33 @@ class CCAMeter:
         rank_tol: float | None = None,
         check_finite: bool = True,
         svcca_keep: float | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
+        super().__init__()
         self.p = check_positive_int(p, "p")
         self.q = self.p if q is None else check_positive_int(q, "q")
         self.ridge, self.rank_tol = check_cca_options(ridge, rank_tol)
         self.svcca_keep = None if svcca_keep is None else check_keep(svcca_keep, "svcca_keep")
         self.null_baseline = check_bool(null_baseline, "null_baseline")
         self.check_finite = check_bool(check_finite, "check_finite")
-        self.reset()
+        self.stats = CCAStatistics(self.p, self.q, device=device)
+        self._local: CCAStatistics | None = None  # the rank's own statistics while synced
+        self._synced = False
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Forgets all samples and any sync (keeps the options)."""
-        self.stats: CCAStatistics | None = None
-        self._local: CCAStatistics | None = None  # the rank's own statistics while synced
-        self._synced = False
+        """Forgets all samples and any sync (keeps the options and the device)."""
+        self.stats.reset()
+        self._local, self._synced = None, False
 
     @property
     def n(self) -> int:
         """Number of samples the statistics hold."""
-        return 0 if self.stats is None else self.stats.n
+        return self.stats.n
 
     @property
-    def device(self) -> torch.device | None:
-        return None if self.stats is None else self.stats.device
+    def device(self) -> torch.device:
+        return self.stats.device
 
     @property
     def synced(self) -> bool:
@@ -131,7 +150,13 @@ class CCAMeter:
 
     def _check_not_synced(self, action: str) -> None:
         if self._synced:
-            raise RuntimeError(f"cannot {action} a synced CCAMeter (it holds every rank's samples): call unsync() first")
+            raise RuntimeError(
+                f"cannot {action} a synced CCAMeter (it holds every rank's samples): call unsync() first"
+            )
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self._check_not_synced("save")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Adds a batch: x [B, p], y [B, q] (same rows, any float dtype); detached, float64, no autocast."""
@@ -141,66 +166,80 @@ class CCAMeter:
                 f"CCAMeter(p={self.p}, q={self.q}) got x {tuple(x.shape)} and y {tuple(y.shape)}: "
                 f"expected x [n, {self.p}] and y [n, {self.q}]"
             )
-        if self.stats is not None and x.device != self.stats.device:
-            raise ValueError(f"CCAMeter statistics are on {self.stats.device}, got a batch on {x.device}")
+        if self.n and x.device != self.device:
+            raise ValueError(f"CCAMeter statistics are on {self.device}, got a batch on {x.device}")
         self._check_not_synced("update")
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.no_grad(), _autocast_off(x.device.type):
             tops = torch.stack([magnitude(x).to(torch.float64), magnitude(y).to(torch.float64)])
             if self.check_finite:  # one host sync; the magnitudes are needed for the scale anyway
                 finite = torch.isfinite(tops).tolist()
                 for name, ok in zip("xy", finite):
                     if not ok:
                         raise ValueError(f"{name} contains NaN or Inf values")
-            if self.stats is None:
-                self.stats = CCAStatistics.empty(self.p, self.q, x.device)
+            if x.device != self.device:  # an empty meter follows its first batch
+                self.stats = CCAStatistics(self.p, self.q, device=x.device)
             self.stats.update_(x.detach(), y.detach(), tops)
 
     def merge(self, other: CCAMeter) -> CCAMeter:
         """Adds ``other``'s samples to this meter (in place; returns self). Exact and associative.
 
+        The meters must agree on the estimator (widths, ``ridge``, ``rank_tol``); the readouts (``null_baseline``,
+        ``svcca_keep``) and ``check_finite`` are this meter's.
+
         Raises:
             TypeError: ``other`` is not a CCAMeter.
-            ValueError: Different widths, or ``other is self`` (merge a ``copy.deepcopy`` to count twice).
+            ValueError: Different widths, ridge or rank_tol, or ``other is self`` (merge a ``copy.deepcopy`` to
+                count twice).
             RuntimeError: Either meter is synced.
         """
         if not isinstance(other, CCAMeter):
             raise TypeError(f"can only merge a CCAMeter, got {type(other).__name__}")
-        if (other.p, other.q) != (self.p, self.q):
-            raise ValueError(f"cannot merge CCAMeter(p={other.p}, q={other.q}) into CCAMeter(p={self.p}, q={self.q})")
+        mine, theirs = self._estimator(), other._estimator()
+        if mine != theirs:
+            diff = ", ".join(f"{k}={theirs[k]!r} vs {v!r}" for k, v in mine.items() if theirs[k] != v)
+            raise ValueError(
+                f"cannot merge a CCAMeter with other options into this one ({diff}): their samples "
+                "would be read with another estimator"
+            )
         if other is self:
-            raise ValueError("cannot merge a CCAMeter into itself (it would count its samples twice); "
-                             "merge copy.deepcopy(meter) if that is what you want")
+            raise ValueError(
+                "cannot merge a CCAMeter into itself (it would count its samples twice); "
+                "merge copy.deepcopy(meter) if that is what you want"
+            )
         self._check_not_synced("merge into")
         other._check_not_synced("merge")
-        if other.stats is not None and other.stats.n:
-            with torch.no_grad():
-                if self.stats is None:
-                    self.stats = CCAStatistics.empty(self.p, self.q, other.stats.device)
-                self.stats.add_(other.stats)
+        with torch.no_grad():
+            self.stats.add_(other.stats)
         return self
+
+    def _estimator(self) -> dict[str, Any]:
+        return {"p": self.p, "q": self.q, "ridge": self.ridge, "rank_tol": self.rank_tol}
 
     # ------------------------------------------------------------------ distributed
     def sync(self) -> CCAMeter:
         """Replaces the statistics by those of all torch.distributed ranks (returns self).
 
         Every rank must call it. The local statistics are kept aside until :meth:`unsync`; a synced
-        meter refuses ``update``, ``merge`` and a second ``sync``, so no sample is counted twice.
-        Without an initialised process group (or with one rank) the statistics stay as they are,
-        but the guard applies all the same.
+        meter refuses ``update``, ``merge``, a second ``sync`` and ``state_dict``, so no sample is counted
+        twice. Without an initialised process group (or with one rank) the statistics stay as they are,
+        but the guard applies all the same. Ranks whose meters have other widths raise ``ValueError``.
         """
         self._check_not_synced("sync")
-        local = self.stats
+        local = self.stats.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self.n == 0 and dist.get_backend() == "nccl":
+                self.stats = CCAStatistics(self.p, self.q, device=torch.device("cuda", torch.cuda.current_device()))
             with torch.no_grad():
-                self.stats = self._all_reduce(local)
+                self.stats.all_reduce_()
         self._local, self._synced = local, True
         return self
 
     def unsync(self) -> CCAMeter:
         """Restores this rank's own statistics after :meth:`sync` (returns self)."""
-        if not self._synced:
+        if not self._synced or self._local is None:
             raise RuntimeError("CCAMeter.unsync() called on a meter that is not synced")
-        self.stats, self._local, self._synced = self._local, None, False
+        self.stats.load_(self._local)
+        self._local, self._synced = None, False
         return self
 
     @contextmanager
@@ -212,27 +251,6 @@ class CCAMeter:
         finally:
             self.unsync()
 
-    def _all_reduce(self, local: CCAStatistics | None) -> CCAStatistics:
-        if local is not None:
-            device = local.device
-        elif dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        st = (CCAStatistics.empty(self.p, self.q, device) if local is None else local.to(device))
-        exponent = st.exponent.clone()
-        dist.all_reduce(exponent, op=dist.ReduceOp.MAX)  # common scale ...
-        st.rescale_(exponent)
-        has = float(st.n > 0)
-        head = torch.cat([st.shift * has, st.shift.new_tensor([has, float(st.n)])])
-        dist.all_reduce(head)  # ... and common shift: the mean of the ranks' shifts
-        d = self.p + self.q
-        st.recentre_(head[:d] / max(float(head[d]), 1.0))
-        sums = torch.cat([st.total, st.moment.flatten()])
-        dist.all_reduce(sums)
-        st.n, st.total, st.moment = int(head[d + 1]), sums[:d], sums[d:].view(d, d)
-        return st
-
     # ------------------------------------------------------------------ results
     def covariance(self) -> torch.Tensor:
         """Centred covariance of [x, y], [(p + q), (p + q)] float64 (unbiased, divides by n − 1).
@@ -243,7 +261,7 @@ class CCAMeter:
             raise ValueError(f"CCAMeter needs at least 2 samples to compute a covariance, has n={self.n}")
         st = self.stats
         e = st.columns(st.exponent)
-        return torch.ldexp(st.centred_gram() / (st.n - 1), e[:, None] + e[None, :])
+        return times_power_of_two(st.centred_gram() / (st.n - 1), e[:, None] + e[None, :])
 
     def compute(self) -> CCAResult:
         """Canonical correlations of everything seen since the last reset (or merged / synced).
@@ -252,28 +270,41 @@ class CCAMeter:
             ValueError: n − 1 <= max(p, q), or the accumulated data contained NaN/Inf.
         """
         check_sample_size(self.n, self.p, self.q)
-        st = self.stats
-        if not st.is_finite():
-            raise ValueError(f"CCAMeter statistics are not finite after n={st.n} samples: some batch contained NaN/Inf")
-        p = self.p
-        with torch.no_grad(), torch.autocast(st.device.type, enabled=False):
-            gram = st.centred_gram()
-            floor = rounding_floor(st.n)
-            sx = view_spectrum(gram[:p, :p], self.rank_tol, floor)
-            sy = view_spectrum(gram[p:, p:], self.rank_tol, floor)
-            fx, fy = sx.shrink(self.ridge), sy.shrink(self.ridge)
-            rho = whitened_correlations(gram[:p, p:], sx.whitener(), sy.whitener(), fx, fy)
-            svcca = None
-            if self.svcca_keep is not None:
-                rx = min(sx.rank, sx.variance_rank(self.svcca_keep))
-                ry = min(sy.rank, sy.variance_rank(self.svcca_keep))
-                sv = whitened_correlations(gram[:p, p:], sx.whitener(rx), sy.whitener(ry))
-                svcca = min(float(sv.mean()), 1.0) if sv.numel() else 0.0
-        mean = min(float(rho.mean()), 1.0) if rho.numel() else 0.0  # a mean of values <= 1 can round above 1
-        null = null_mean_canonical_correlation(st.n, fx, fy) if self.null_baseline else None
-        return CCAResult(mean=mean, correlations=rho, rank_x=sx.rank, rank_y=sy.rank, n=st.n, null_mean=null,
-                         svcca=svcca)
+        if not self.stats.is_finite():
+            raise ValueError(
+                f"CCAMeter statistics are not finite after n={self.n} samples: some batch contained NaN/Inf"
+            )
+        return _result(self.stats, self.ridge, self.rank_tol, self.svcca_keep, self.null_baseline)
 
-    def __repr__(self) -> str:
-        return (f"CCAMeter(p={self.p}, q={self.q}, ridge={self.ridge}, n={self.n}, device={self.device}"
-                + (", synced" if self._synced else "") + ")")
+    def extra_repr(self) -> str:
+        return f"p={self.p}, q={self.q}, ridge={self.ridge}, n={self.n}" + (", synced" if self._synced else "")
+
+
+def _result(
+    st: CCAStatistics, ridge: float, rank_tol: float, svcca_keep: float | None, null_baseline: bool
+) -> CCAResult:
+    """The covariance route of :mod:`star_heads.metrics.covariance` on accumulated statistics."""
+    p = st.p
+    with torch.no_grad(), _autocast_off(st.device.type):
+        gram = st.centred_gram()
+        floor = rounding_floor(st.n)
+        sx = view_spectrum(gram[:p, :p], rank_tol, floor)
+        sy = view_spectrum(gram[p:, p:], rank_tol, floor)
+        fx, fy = sx.shrink(ridge), sy.shrink(ridge)
+        rho = whitened_correlations(gram[:p, p:], sx.whitener(), sy.whitener(), fx, fy)
+        svcca = None
+        if svcca_keep is not None:
+            rx = min(sx.rank, sx.variance_rank(svcca_keep))
+            ry = min(sy.rank, sy.variance_rank(svcca_keep))
+            sv = whitened_correlations(gram[:p, p:], sx.whitener(rx), sy.whitener(ry))
+            svcca = min(float(sv.mean()), 1.0) if sv.numel() else 0.0
+    mean = min(float(rho.mean()), 1.0) if rho.numel() else 0.0  # a mean of values <= 1 can round above 1
+    null = null_mean_canonical_correlation(st.n, fx, fy) if null_baseline else None
+    return CCAResult(mean=mean, correlations=rho, rank_x=sx.rank, rank_y=sy.rank, n=st.n, null_mean=null, svcca=svcca)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast disabled for float64 statistics (nothing to disable where it is off, e.g. on ``meta``)."""
+    return (
+        contextlib.nullcontext() if autocast_dtype(device_type) is None else torch.autocast(device_type, enabled=False)
+    )

@@ -84,11 +84,15 @@ def null_mean_canonical_correlation(
 
 def _shrinkage(f: object, name: str) -> torch.Tensor:
     if not isinstance(f, torch.Tensor) or not f.is_floating_point() or f.ndim != 1:
-        got = f"{type(f).__name__}" if not isinstance(f, torch.Tensor) else f"{f.dtype} tensor of shape {tuple(f.shape)}"
+        got = (
+            f"{type(f).__name__}" if not isinstance(f, torch.Tensor) else f"{f.dtype} tensor of shape {tuple(f.shape)}"
+        )
         raise TypeError(f"{name} must be a 1-D float tensor, got {got}")
     f = f.detach().to("cpu", torch.float64)
     if not bool(((f >= 0) & (f <= 1)).all()):
-        raise ValueError(f"{name} must hold shrinkage factors in [0, 1], got values in [{float(f.min())}, {float(f.max())}]")
+        raise ValueError(
+            f"{name} must hold shrinkage factors in [0, 1], got values in [{float(f.min())}, {float(f.max())}]"
+        )
     return f
 
 

@@ -189,7 +189,7 @@ def test_state_dict_round_trip_includes_normaliser():
 
 @given(b=st.integers(4, 12), d=st.integers(2, 9), out=st.integers(2, 6), n=st.integers(1, 4), p=st.integers(1, 5))
 def test_output_shapes(b, d, out, n, p):
-    adapter = SimCLRAdapter(d, num_experts=n, output_dim=out, param_dim=p, cca_every=0)
+    adapter = SimCLRAdapter(d, num_experts=n, output_dim=out, hidden_dim=d, param_dim=p, cca_every=0)  # tiny: paper shape
     g = torch.Generator().manual_seed(b)
     hs = [torch.randn(b, d, generator=g) for _ in range(3)]
     res = adapter(hs[1], hs[2], h0=hs[0], params1=torch.rand(b, p, generator=g), params2=torch.rand(b, p, generator=g))

@@ -27,7 +27,7 @@ class _SoloLikeMethod(nn.Module):
 def test_swap_projector_keeps_shapes_and_returns_invariant_tensor():
     model = _SoloLikeMethod()
     old = model.projector
-    head = swap_projector(model, num_experts=4)
+    head = swap_projector(model, num_experts=4, expert_hidden_dim=48)  # the paper's per-expert shape
     assert model.projector is head and isinstance(head, STARSimCLRProjectionHead)
     assert projector_shape(old) == (32, 48, 16, 2)
     assert [(l.in_features, l.out_features) for l in head.experts.linears] == [(32, 48), (48, 16)]

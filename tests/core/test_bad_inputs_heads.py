@@ -55,7 +55,7 @@ def test_constructor_sizes(kind, name, value):
     if kind in ("separate", "shared") and name == "num_experts":
         return
     sizes[name] = value
-    if kind == "star" and name == "hidden_dim" and value is None:  # documented default: input_dim
+    if kind in ("star", "separate", "shared") and name == "hidden_dim" and value is None:  # default: input_dim
         assert _build(kind, sizes).hidden_dim == sizes["input_dim"]
         return
     if _valid_size(name, value):
@@ -233,9 +233,10 @@ def test_task_names_travel_in_the_state_dict(make):
     x = torch.randn(3, 6)
     saved.eval(), same.eval()
     torch.testing.assert_close(same(x, task="eq"), saved(x, task="eq"))
-    # a checkpoint saved before task names were stored still loads
-    legacy = {k: v for k, v in state.items() if k != "task_names"}
-    make(("eq", "inv")).load_state_dict(legacy)
+    # a state_dict without task names cannot prove its task order: refused, even for the same order
+    unnamed = {k: v for k, v in state.items() if k != "task_names"}
+    with pytest.raises(ValueError, match="has no 'task_names'"):
+        make(("eq", "inv")).load_state_dict(unnamed)
 
 
 def test_task_names_survive_nesting_deepcopy_and_dtype_casts():
@@ -287,7 +288,7 @@ def test_swap_projector_represents_exactly_or_refuses(names, bias):
     kept = [m for m in layers if not isinstance(m, nn.Identity)]
     expert = list(head.experts.to_modules()[0])
     assert [type(m) for m in expert] == [type(m) for m in kept]
-    for i, (old, new) in enumerate(zip(kept, expert)):
+    for old, new in zip(kept, expert):
         if isinstance(old, nn.Linear):
             assert (old.bias is None) == (new.bias is None)
         if isinstance(old, (nn.BatchNorm1d, nn.LayerNorm)):

@@ -1,4 +1,4 @@
-"""ExpertBank.to_modules / from_modules are exact or refuse (issue 12.1), and per-expert slicing lives in the layers."""
+"""ExpertBank.to_modules / from_modules are exact or refuse, and per-expert slicing lives in the layers."""
 
 from functools import partial
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import loop_outputs
 from torch import nn
 
-from oracle import loop_outputs
 from star_heads.expert_layers import ExpertLayerNorm, ExpertLinear, export_norm, load_norm, make_expert_norm
 from star_heads.experts import ExpertBank
 
@@ -28,7 +28,7 @@ def _assert_same_function(bank, modules, x, train=False):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),  # the hidden bias used to be dropped
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),  # a hidden bias is kept
         lambda: nn.Sequential(nn.Linear(4, 5, bias=True), nn.BatchNorm1d(5), nn.LeakyReLU(0.3), nn.Linear(5, 2, bias=False)),
         lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.GELU(approximate="tanh"), nn.Linear(5, 5),
                               nn.LayerNorm(5), nn.GELU(approximate="tanh"), nn.Linear(5, 3)),
@@ -80,18 +80,18 @@ def test_hidden_bias_options():
 @pytest.mark.parametrize(
     "expert, match",
     [
-        (nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.ReLU(), nn.Linear(4, 2)), "module 1: found Dropout"),
-        (nn.Sequential(nn.Linear(4, 4), nn.Softmax(-1), nn.Linear(4, 2)), "module 1: found Softmax"),
-        (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 2)), "module 2: found BatchNorm1d"),
-        (nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2)), "module 1: found PReLU"),
+        (nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.ReLU(), nn.Linear(4, 2)), "module 1: cannot represent Dropout"),
+        (nn.Sequential(nn.Linear(4, 4), nn.Softmax(-1), nn.Linear(4, 2)), "module 1: cannot represent Softmax"),
+        (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 2)), "module 2: cannot represent BatchNorm1d"),
+        (nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2)), "module 1: cannot represent PReLU"),
         (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()), "activation after the last Linear"),
         (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(5, 2)), "Linear 1 takes 5 features"),
-        (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), "same hidden width"),
+        (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), "same width"),
         (nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2)),
-         "same hidden activation"),
+         "same activation"),
         (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
-         "same hidden norm"),
-        (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, bias=False), nn.Linear(4, 2)), "module 1: found LayerNorm"),
+         "same norm"),
+        (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, bias=False), nn.Linear(4, 2)), "module 1: cannot represent LayerNorm"),
     ],
 )
 def test_from_modules_refuses_what_it_cannot_represent(expert, match):
@@ -181,3 +181,59 @@ def test_from_modules_round_trip_property(n, d, h, o, layers, biases, norm, act)
     _assert_same_function(bank, modules, x, train=False)
     back = bank.to_modules()
     assert [repr(m) for m in back] == [repr(m) for m in modules]
+
+
+class _MyBatchNorm(nn.BatchNorm1d):
+    """A subclass may compute anything: the grammar takes exactly the listed classes."""
+
+
+_GRAMMAR_CASES = [
+    lambda: [nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.Softsign(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.Threshold(0.1, -1.0), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.LogSigmoid(), nn.Linear(6, 6), nn.LogSigmoid(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)],  # no activation: the bank computes it
+    lambda: [nn.Linear(4, 6), nn.Identity(), nn.GELU(approximate="tanh"), nn.Linear(6, 3), nn.LayerNorm(3)],
+    lambda: [nn.Linear(4, 6, bias=True), nn.ReLU(), nn.Linear(6, 6, bias=False), nn.ReLU(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.InstanceNorm1d(6), nn.ReLU(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), _MyBatchNorm(6), nn.ReLU(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.GroupNorm(2, 6), nn.ReLU(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.LayerNorm(6, bias=False), nn.ReLU(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.PReLU(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.RReLU(), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.Softmax(-1), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.Dropout(0.1), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.ReLU(), nn.BatchNorm1d(6), nn.Linear(6, 3)],
+    lambda: [nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.ReLU()],
+    lambda: [nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)],
+    lambda: [nn.Linear(4, 6), nn.LeakyReLU(0.1), nn.Linear(6, 6), nn.LeakyReLU(0.2), nn.Linear(6, 3)],
+    lambda: [nn.ReLU(), nn.Linear(4, 3)],
+]
+
+
+@pytest.mark.parametrize("make", _GRAMMAR_CASES)
+def test_from_modules_and_swap_projector_accept_the_same_blocks(make):
+    """One grammar: an expert is fused by from_modules exactly when swap_projector takes it as a projector,
+    and both read the same options; what is accepted computes the modules' function exactly."""
+    from star_heads.integrations.swap import swap_projector
+
+    torch.manual_seed(0)
+    layers = make()
+    errors = []
+    try:
+        bank = ExpertBank.from_modules([nn.Sequential(*layers)])
+    except (TypeError, ValueError) as err:
+        bank, errors = None, [err]
+    holder = nn.Module()
+    holder.projector = nn.Sequential(*make())
+    try:
+        head = swap_projector(holder, num_experts=2, expert_hidden_dim=6)
+    except (TypeError, ValueError) as err:
+        head, errors = None, [*errors, err]
+    assert (bank is None) == (head is None), errors
+    if bank is not None:
+        assert [type(m) for m in bank.norms] == [type(m) for m in head.experts.norms]
+        assert [repr(a) for a in bank.acts] == [repr(a) for a in head.experts.acts]
+        assert [lin.bias is not None for lin in bank.linears] == [lin.bias is not None for lin in head.experts.linears]
+        x = torch.randn(5, 4)
+        _assert_same_function(bank, [nn.Sequential(*layers)], x, train=False)

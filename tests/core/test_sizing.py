@@ -11,7 +11,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from star_heads import SeparateHeads, SharedSpecificHead, STARHead, build_head
-from star_heads.sizing import FLOP_RTOL, PARAM_RTOL, count_parameters, fit_width, linear_macs
+from star_heads.sizing import (
+    DROP_IN_FACTOR,
+    FLOP_RTOL,
+    PARAM_RTOL,
+    count_parameters,
+    drop_in_hidden_dim,
+    fit_width,
+    linear_macs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,17 +117,18 @@ def test_build_head_match_params_sizes_against_the_star_head_of_the_same_argumen
     assert isinstance(sep, SeparateHeads)
     assert abs(count_parameters(sep) - count_parameters(star)) <= PARAM_RTOL * count_parameters(star)
     torch.manual_seed(0)
-    ref = SeparateHeads.param_matched(STARHead(64, num_experts=16), 64)
+    ref = SeparateHeads.param_matched(star, 64)
     assert sep.hidden_dim == ref.hidden_dim
     # options that change the STAR head's size change the match
     wide = build_head("separate", 64, num_experts=16, hidden_dim=128, match_params=True)
     assert wide.hidden_dim > sep.hidden_dim
     single = build_head("single", 64, num_experts=8, match_params=True)
     assert single.tasks == ("inv",)
-    assert abs(count_parameters(single) - count_parameters(STARHead(64))) <= PARAM_RTOL * count_parameters(STARHead(64))
+    star8 = build_head("star", 64, num_experts=8)
+    assert abs(count_parameters(single) - count_parameters(star8)) <= PARAM_RTOL * count_parameters(star8)
     shared = build_head("shared", 64, match_params=True, norm_layer=nn.LayerNorm)
     assert isinstance(shared, SharedSpecificHead)
-    ln_star = STARHead(64, norm_layer=nn.LayerNorm)
+    ln_star = build_head("star", 64, norm_layer=nn.LayerNorm)
     assert abs(count_parameters(shared) - count_parameters(ln_star)) <= PARAM_RTOL * count_parameters(ln_star)
 
 
@@ -146,3 +155,70 @@ def test_heads_doc_tables_are_up_to_date():
     spec.loader.exec_module(module)
     text = module.DOC.read_text()
     assert module.updated(text) == text, "run: python docs/make_heads_tables.py"
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("make_heads_tables", ROOT / "docs" / "make_heads_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_sizing_rule_over_every_entry_point():
+    """The table of docs/heads.md: every entry point at most 2x the head it replaces, near the budget, with
+    multiple-of-8 widths; the table lists every entry point."""
+    tables = _tables()
+    labels = " ".join(label for label, *_ in tables.ENTRY_POINTS)
+    for name in ("STARSimCLRProjectionHead", "STARVICRegProjectionHead", "swap_projector", "replace_projection_head",
+                 "replace_projector", "build_head", "SimCLRAdapter", "VICRegAdapter"):
+        assert name in labels
+    for label, _, replaced, star in tables.ENTRY_POINTS:
+        ref, head = count_parameters(replaced()), star()
+        params = count_parameters(head)
+        assert params <= DROP_IN_FACTOR * ref, label
+        assert params >= 1.8 * ref, label  # the budget is used, not wasted
+        assert head.hidden_dim % 8 == 0 and head.num_experts == 8, label
+
+
+def test_adapters_use_build_heads_sizing():
+    from star_heads.adapters import SimCLRAdapter, VICRegAdapter
+
+    for cls in (SimCLRAdapter, VICRegAdapter):
+        adapter = cls(64)
+        single = build_head("single", 64, output_dim=adapter.head.output_dim)
+        assert count_parameters(adapter.head) <= DROP_IN_FACTOR * count_parameters(single)
+        assert adapter.head.hidden_dim == build_head("star", 64, output_dim=adapter.head.output_dim).hidden_dim
+
+
+@pytest.mark.parametrize("width", [8, 16])
+def test_swap_projector_default_is_within_the_budget_at_small_widths(width):
+    from star_heads.integrations.swap import swap_projector
+
+    holder = nn.Module()
+    holder.projector = nn.Sequential(nn.Linear(32, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 16))
+    old = count_parameters(holder.projector)
+    head = swap_projector(holder)
+    assert count_parameters(head) <= DROP_IN_FACTOR * old
+    assert head(torch.randn(3, 32)).shape == (3, 16)
+
+
+def test_replace_projection_head_follows_the_rule():
+    heads = pytest.importorskip("lightly.models.modules.heads")
+    from star_heads.integrations.lightly import replace_projection_head
+
+    model = nn.Module()
+    model.projection_head = heads.SimCLRProjectionHead(64, 64, 32)
+    old = count_parameters(model.projection_head)
+    head = replace_projection_head(model)
+    assert count_parameters(head) <= DROP_IN_FACTOR * old
+
+
+def test_drop_in_hidden_dim_rounds_to_multiples_of_eight_where_it_can():
+    def build(w):
+        return nn.Linear(10, w, device="meta")  # 11 w parameters
+
+    assert drop_in_hidden_dim(build, 11 * 40) == 80  # budget 880: width 80
+    assert drop_in_hidden_dim(build, 11 * 41) == 80  # 82 fits, rounded down to 80
+    assert drop_in_hidden_dim(build, 11 * 3) == 6  # below 8: any width
+    with pytest.raises(ValueError, match="pass expert_hidden_dim= explicitly"):
+        drop_in_hidden_dim(lambda w: nn.Linear(10, w + 100, device="meta"), 5)

@@ -217,7 +217,7 @@ def test_a_diverging_run_stops_before_its_checkpoint(tmp_path, capsys):
 
 
 def test_paper_lr_rule_all_wd_and_param_matched_separate_heads(tmp_path):
-    from star_heads import STARHead, build_head
+    from star_heads import build_head
     from star_heads.sizing import count_parameters
 
     run = pretrain.main(["--out", str(tmp_path / "r"), "--epochs", "1", "--steps-per-epoch", "1", "--head", "separate",
@@ -231,7 +231,7 @@ def test_paper_lr_rule_all_wd_and_param_matched_separate_heads(tmp_path):
     matched = build_head("separate", 32, num_experts=2, match_params=True)  # backbone features: 8 × --width 4
     assert {k: tuple(v.shape) for k, v in matched.state_dict().items() if isinstance(v, torch.Tensor)} == {
         k: tuple(v.shape) for k, v in head.items() if isinstance(v, torch.Tensor)}
-    n_star = count_parameters(STARHead(32, 128, num_experts=2, hidden_dim=32))
+    n_star = count_parameters(build_head("star", 32, num_experts=2))  # the STAR head of the same arguments
     assert abs(count_parameters(matched) - n_star) <= 0.05 * n_star
 
 

@@ -12,10 +12,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from cca_oracle import cca_orth
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cca_oracle import cca_orth
 from star_heads.metrics import (
     CCAMeter,
     CCAMonitor,

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from cca_oracle import cca_orth, planted
+from dist_utils import run_distributed
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cca_oracle import cca_orth, planted
-from dist_utils import run_distributed
 from star_heads.metrics import (
     CCAMeter,
     CCAMonitor,
@@ -386,3 +386,121 @@ def test_null_when_some_correlations_are_trivially_one():
         ]
     assert null > 31 / 40 and np.mean(observed) == pytest.approx(null, abs=0.005)
     assert null == null_mean_canonical_correlation(160, ones_y, ones_x)  # symmetric in the two views
+
+
+# ---------------------------------------------------------------- registered state (nn.Module)
+def test_meter_state_round_trips_through_state_dict_and_a_checkpoint():
+    import io
+
+    x, y = _data(21)
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(3, 3), "cca": CCAMeter(7, 5, ridge=0.1)})
+    model["cca"].update(x[:250], y[:250])
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    restored = torch.nn.ModuleDict({"proj": torch.nn.Linear(3, 3), "cca": CCAMeter(7, 5, ridge=0.1)})
+    buffer.seek(0)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored["cca"].n == 250
+    for meter in (model["cca"], restored["cca"]):  # both continue to the full data, exactly alike
+        meter.update(x[250:], y[250:])
+    a, b = model["cca"].compute(), restored["cca"].compute()
+    assert a.mean == b.mean and torch.equal(a.correlations, b.correlations) and b.n == x.shape[0]
+    ref = canonical_correlations(x, y, ridge=0.1)
+    torch.testing.assert_close(b.correlations, ref, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match=r"widths \(p, q\) = \(7, 5\) cannot be loaded into \(5, 5\)"):
+        CCAMeter(5).load_state_dict(model["cca"].state_dict())
+
+
+def test_meter_moves_with_to_and_stays_float64_under_dtype_casts():
+    x, y = _data(22)
+    meter = CCAMeter(7, 5)
+    meter.update(x, y)
+    before = meter.compute()
+    meter.half().to(torch.float32)  # a model cast must not touch the statistics
+    assert all(b.dtype == torch.float64 for b in meter.buffers())
+    assert meter.compute().mean == before.mean
+    meter.to("meta")
+    assert meter.device.type == "meta" and all(b.device.type == "meta" for b in meter.buffers())
+    fresh = CCAMeter(7, 5, device="meta")
+    fresh.update(x, y)  # an empty meter follows its first batch
+    assert fresh.device.type == "cpu" and fresh.compute().mean == before.mean
+
+
+def test_synced_meter_refuses_to_save():
+    x, y = _data(23)
+    meter = _fed(x, y, [600])
+    meter.sync()
+    with pytest.raises(RuntimeError, match="cannot save a synced CCAMeter"):
+        meter.state_dict()
+    meter.unsync()
+    assert meter.state_dict()["stats._extra_state"]["n"] == 600
+
+
+@pytest.mark.parametrize("option", [{"ridge": 0.1}, {"rank_tol": 1e-3}])
+def test_merge_refuses_meters_with_another_estimator(option):
+    x, y = _data(24)
+    mine, other = _fed(x[:300], y[:300], [300]), _fed(x[300:], y[300:], [300], **option)
+    key = next(iter(option))
+    with pytest.raises(ValueError, match=f"cannot merge a CCAMeter with other options.*{key}="):
+        mine.merge(other)
+    assert mine.n == 300  # unchanged
+    readouts = _fed(x[300:], y[300:], [300], null_baseline=False, svcca_keep=0.99, check_finite=False)
+    assert mine.merge(readouts).n == 600  # readout options do not change the estimator
+
+
+@pytest.mark.parametrize("scale", [1e-320, 1e-310, 1e300])
+def test_cca_at_subnormal_and_huge_scales_equals_the_unscaled_cca(scale):
+    x, y = _data(25, n=400)
+    ref = canonical_correlations(x, y)
+    tiny_x, tiny_y = x * scale, y * scale
+    assert torch.isfinite(tiny_x).all() and (tiny_x != 0).float().mean() > 0.99
+    # at 1e-320 the inputs keep only ~4 significant bits, so the reference is the CCA of those rounded inputs
+    rounded = canonical_correlations(tiny_x / scale, tiny_y / scale) if scale < 1e-300 else ref
+    for got in (canonical_correlations(tiny_x, tiny_y), _fed(tiny_x, tiny_y, [150, 250]).compute().correlations):
+        torch.testing.assert_close(got, rounded, rtol=0, atol=1e-9)
+    assert mean_canonical_correlation(tiny_x, tiny_y) > 0.3
+
+
+def test_gram_backends_agree_on_the_cpu():
+    from star_heads.metrics.covariance import gram
+
+    g = torch.Generator().manual_seed(0)
+    z, w = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(50, 4, generator=g, dtype=torch.float64)
+    ref = torch.as_tensor((z.numpy().T.astype(np.longdouble) @ w.numpy().astype(np.longdouble)).astype(np.float64))
+    for backend in ("auto", "numpy", "torch"):
+        torch.testing.assert_close(gram(z, w, backend=backend), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gram(z, backend=backend), gram(z, z, backend="numpy"), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gram(z, backend="cuda")
+
+
+def _width_worker(rank, world_size):
+    meter = CCAMeter(4 + rank, 3)  # rank 1 meters wider views
+    meter.update(torch.randn(20, 4 + rank), torch.randn(20, 3))
+    try:
+        meter.sync()
+    except ValueError as err:
+        return {"error": str(err), "synced": meter.synced, "n": meter.n}
+    return {"error": None}
+
+
+@pytest.mark.distributed
+def test_ranks_with_different_widths_raise_instead_of_hanging():
+    results = run_distributed(_width_worker, world_size=2)
+    for r in results:
+        assert r["error"] is not None and "differ in widths (p, q) across ranks: [(4, 3), (5, 3)]" in r["error"]
+        assert not r["synced"] and r["n"] == 20
+
+
+def test_meter_update_and_merge_are_sync_free_on_the_device():
+    from sync_guard import HostSyncGuard
+
+    meter = CCAMeter(7, 5, check_finite=False, device="meta")
+    other = CCAMeter(7, 5, check_finite=False, device="meta")
+    x, y = torch.randn(40, 7, device="meta"), torch.randn(40, 5, device="meta")
+    with HostSyncGuard("meta"):
+        meter.update(x, y)
+        meter.update(x, y)
+        other.update(x, y)
+        meter.merge(other)
+    assert meter.n == 120 and meter.device.type == "meta"

@@ -5,10 +5,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from cca_oracle import cca_orth, cca_textbook, planted, pwcca_oracle, svcca_oracle
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cca_oracle import cca_orth, cca_textbook, planted, pwcca_oracle, svcca_oracle
 from star_heads.metrics import (
     CCASampleSizeWarning,
     canonical_correlations,
