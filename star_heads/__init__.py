@@ -69,7 +69,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from star_heads.adapters import AdapterOutput, EquiModAdapter, JointAdapter, SimCLRAdapter, VICRegAdapter, build_head
+    from star_heads.adapters import (
+        AdapterOutput,
+        EquiModAdapter,
+        JointAdapter,
+        SimCLRAdapter,
+        VICRegAdapter,
+        build_head,
+    )
     from star_heads.augment import (
         PARAM_DIM,
         PARAM_NAMES,

@@ -240,10 +240,10 @@ def make_expert_norm(
         return cls(num_experts * features, **kwargs, **factory)
     if cls is nn.LayerNorm:
         return ExpertLayerNorm(num_experts, features, **kwargs, **factory)
-    raise TypeError(
-        "norm_layer must be a BatchNorm class (nn.BatchNorm1d, nn.SyncBatchNorm), nn.LayerNorm, nn.Identity "
-        f"or None (optionally wrapped in functools.partial), got {norm_layer!r}"
-    )
+    from star_heads.expert_spec import check_norm_layer  # the grammar's one list of norms (it imports this module)
+
+    check_norm_layer(norm_layer, "norm_layer")  # raises: every norm the grammar accepts is handled above
+    raise AssertionError(f"expert_spec.NORMS accepts {norm_layer!r}, which make_expert_norm does not build")
 
 
 @torch.no_grad()

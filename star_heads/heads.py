@@ -324,8 +324,7 @@ class MMoEHead(TaskHead):
 
 def bank_forward(bank: ExpertBank, x: torch.Tensor, gates: torch.Tensor | None = None, **kwargs: Any) -> Any:
     """The bank's unchecked forward, for a head whose input was checked by :meth:`TaskHead.check_input`."""
-    run = getattr(bank, "_forward", None)
-    return bank(x, gates, **kwargs) if run is None else run(x, gates, **kwargs)
+    return bank._forward(x, gates, **kwargs)
 
 
 def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias=False) -> dict[str, Any]:

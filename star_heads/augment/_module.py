@@ -6,13 +6,13 @@ drawn and made on the images' device without host reads (STAR, arXiv 2510.27222;
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from star_heads._checks import check_float_tensor, check_int
+from star_heads._precision import autocast_off
 from star_heads._value_checks import value_checks_enabled
 from star_heads.augment._multicrop import MultiCropViews
 from star_heads.augment._ops import apply_augment, crop_resize
@@ -27,13 +27,6 @@ from star_heads.augment._sample import AugmentSample, check_generator, sample_au
 
 __all__ = ["STARAugment"]
 
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off on ``device`` (views keep the input dtype); nothing to switch where autocast does not exist
-    (``meta``)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 #: BYOL's recipe (arXiv 2006.07733, Table 6): shared settings and the two views' blur / solarization.
 _BYOL_SHARED: dict[str, object] = {"scale": (0.08, 1.0), "jitter_p": 0.8, "brightness": 0.4, "contrast": 0.4,
@@ -201,7 +194,7 @@ class STARAugment(nn.Module):
         return [AugmentSample.unpack(p, size, c) for p, c in zip(packed.split(B), configs)]
 
     def _make(self, x: torch.Tensor, sample: AugmentSample) -> tuple[torch.Tensor, torch.Tensor]:
-        with _no_autocast(x.device):
+        with autocast_off(x.device.type):
             views = apply_augment(x, sample)
         return views, sample.vector(self.crop_units, solarize=self._solarize)
 
@@ -244,7 +237,7 @@ class STARAugment(nn.Module):
             )
         if sample.device != x.device:
             sample = sample.to(x.device, non_blocking=x.device.type != "cpu")
-        with _no_autocast(x.device):
+        with autocast_off(x.device.type):
             return apply_augment(x, sample)
 
     def forward(
@@ -297,7 +290,7 @@ class STARAugment(nn.Module):
         B, _, H, W = x.shape
         zero = torch.zeros(B, dtype=torch.long, device=x.device)
         crop = torch.stack([zero, zero, torch.full_like(zero, H), torch.full_like(zero, W)], dim=1)
-        with _no_autocast(x.device):
+        with autocast_off(x.device.type):
             return crop_resize(x, crop, None, self.config.size, self.config.antialias)
 
     def identity_params(self, batch: int, image_size: tuple[int, int], device=None) -> torch.Tensor:

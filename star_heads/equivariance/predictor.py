@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from star_heads._checks import (
     check_bool,
+    check_choice,
     check_float_tensor,
     check_layer,
     check_positive_int,
@@ -120,9 +121,7 @@ class EquivariantPredictor(nn.Module):
         self.embed_dim = check_positive_int(embed_dim, "embed_dim")
         self.param_dim = check_positive_int(param_dim, "param_dim")
         self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
-        if kind not in ("star", "equimod", "hyper"):
-            raise ValueError(f"kind must be 'star', 'equimod' or 'hyper', got {kind!r}")
-        self.kind: PredictorKind = kind
+        self.kind: PredictorKind = check_choice(kind, "kind", PredictorKind)
         d, h = embed_dim, hidden_dim
         if kind == "star":
             self.param_encoder = nn.Linear(param_dim, d, bias=True)

@@ -1,27 +1,14 @@
-"""Numerics shared by the losses (private): autocast off, and a covariance penalty that cannot overflow.
+"""Numerics shared by the losses (private): a covariance penalty that cannot overflow.
 
 Axis legend: ``n`` rows (samples), ``d`` embedding width.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
-__all__ = ["full_precision", "off_diagonal_square_mean"]
-
-
-def full_precision(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast switched off for ``device_type``, so the loss statistics run in the inputs' (promoted) dtype.
-
-    ``meta`` has no autocast dispatch key (torch refuses ``torch.autocast("meta")``): there the context is a no-op,
-    which is what autocast-off means on a device without autocast.
-    """
-    if device_type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
+__all__ = ["off_diagonal_square_mean"]
 
 
 def off_diagonal_square_mean(z: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from star_heads import distributed as _dist
 from star_heads._checks import check_choice, check_float_tensor, check_positive_float
-from star_heads.losses._numerics import full_precision
+from star_heads._precision import autocast_off
 
 __all__ = ["EquivariantNTXentLoss", "NTXentLoss", "equivariant_nt_xent", "nt_xent"]
 
@@ -57,7 +57,7 @@ def _pair_contrastive(a: Tensor, b: Tensor, temperature: float, gather: bool, an
     given) with autocast disabled.
     """
     dtype = torch.promote_types(a.dtype, torch.float32)
-    with full_precision(a.device.type):
+    with autocast_off(a.device.type):
         qa = F.normalize(a.to(dtype), dim=1)  # [n, d]
         qb = F.normalize(b.to(dtype), dim=1)  # [n, d]
         n = qa.shape[0]

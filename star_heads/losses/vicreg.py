@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from star_heads import distributed as _dist
 from star_heads._checks import check_bool, check_choice, check_float, check_float_tensor, check_positive_float
-from star_heads.losses._numerics import full_precision, off_diagonal_square_mean
+from star_heads._precision import autocast_off
+from star_heads.losses._numerics import off_diagonal_square_mean
 
 __all__ = ["VICRegLoss", "VICRegOutput", "vicreg"]
 
@@ -149,7 +150,7 @@ def vicreg(
             f"vicreg needs a batch of at least 2 rows for the variance (global batch when gather=True), got {rows}"
         )
     dtype = torch.promote_types(z1.dtype, torch.float32)
-    with full_precision(z1.device.type):
+    with autocast_off(z1.device.type):
         a, b = z1.to(dtype), z2.to(dtype)
         invariance = F.mse_loss(a, b)
         if gather:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from star_heads._precision import autocast_off
 from star_heads.metrics.covariance import (
     gram,
     host_scale_exponent,
@@ -138,7 +139,7 @@ def canonical_correlations(
     x, y = check_views(x, y, finite=False)  # finiteness: checked by _prepare in the same pass as the scale
     ridge, tol = check_cca_options(ridge, rank_tol)
     check_sample_size(x.shape[0], x.shape[1], y.shape[1])
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), autocast_off(x.device.type):
         return _correlations(_prepare_pair(x, y), x.shape[1], tol, ridge)
 
 
@@ -174,7 +175,7 @@ def svcca(x: torch.Tensor, y: torch.Tensor, keep: float = 0.99) -> torch.Tensor:
     x, y = check_views(x, y, finite=False)
     keep = check_keep(keep)
     check_sample_size(x.shape[0], x.shape[1], y.shape[1])
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), autocast_off(x.device.type):
         xr = _reduce_to_variance(_prepare(x, "x"), keep)
         yr = _reduce_to_variance(_prepare(y, "y"), keep)
         if xr.shape[1] == 0 or yr.shape[1] == 0:
@@ -193,7 +194,7 @@ def pwcca(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """
     x, y = check_views(x, y, finite=False)
     check_sample_size(x.shape[0], x.shape[1], y.shape[1])
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), autocast_off(x.device.type):
         xc, yc = _prepare(x, "x"), _prepare(y, "y")
         ux, uy, t = _cross(xc, yc, DEFAULT_RANK_TOL, 0.0)
         if min(t.shape) == 0:

@@ -19,7 +19,6 @@ floats (a sync), once, when logged.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from star_heads._checks import check_float, check_float_tensor
-from star_heads._precision import autocast_dtype
+from star_heads._precision import autocast_off
 
 __all__ = ["CollapseStats", "collapse_stats", "effective_rank", "embedding_std"]
 
@@ -41,13 +40,6 @@ def _rows(z: object, name: str) -> Tensor:
     return x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
 
 
-def _full_precision(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast off where it is on (the readouts are statistics: computed in the input's precision)."""
-    if autocast_dtype(device_type) is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)
-
-
 def embedding_std(z: Tensor) -> Tensor:
     """Mean over dimensions of the std (over the batch) of the l2-normalised rows of ``z [B, D]``.
 
@@ -55,7 +47,7 @@ def embedding_std(z: Tensor) -> Tensor:
         A 0-d tensor on ``z``'s device (float32 for half inputs, else ``z``'s dtype); no host sync.
     """
     x = _rows(z, "z")
-    with _full_precision(x.device.type):
+    with autocast_off(x.device.type):
         unit = torch.nn.functional.normalize(x, dim=1)  # [B, D], zero rows stay zero
         return unit.std(dim=0).mean()
 
@@ -72,7 +64,7 @@ def effective_rank(z: Tensor, *, eps: float = RANKME_EPS) -> Tensor:
     """
     x = _rows(z, "z")
     eps = check_float(eps, "eps", minimum=0.0)
-    with _full_precision(x.device.type):
+    with autocast_off(x.device.type):
         s = torch.linalg.svdvals(x)  # [min(B, D)]
         p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny) + eps
         return torch.exp(-(p * torch.log(p)).sum())

@@ -16,7 +16,6 @@ sums) is :mod:`star_heads.metrics.statistics`'s, for the local ``merge`` and the
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from star_heads._checks import check_bool, check_positive_int
-from star_heads._precision import autocast_dtype
+from star_heads._precision import autocast_off
 from star_heads.metrics.covariance import (
     magnitude,
     rounding_floor,
@@ -169,7 +168,7 @@ class CCAMeter(nn.Module):
         if self.n and x.device != self.device:
             raise ValueError(f"CCAMeter statistics are on {self.device}, got a batch on {x.device}")
         self._check_not_synced("update")
-        with torch.no_grad(), _autocast_off(x.device.type):
+        with torch.no_grad(), autocast_off(x.device.type):
             tops = torch.stack([magnitude(x).to(torch.float64), magnitude(y).to(torch.float64)])
             if self.check_finite:  # one host sync; the magnitudes are needed for the scale anyway
                 finite = torch.isfinite(tops).tolist()
@@ -285,7 +284,7 @@ def _result(
 ) -> CCAResult:
     """The covariance route of :mod:`star_heads.metrics.covariance` on accumulated statistics."""
     p = st.p
-    with torch.no_grad(), _autocast_off(st.device.type):
+    with torch.no_grad(), autocast_off(st.device.type):
         gram = st.centred_gram()
         floor = rounding_floor(st.n)
         sx = view_spectrum(gram[:p, :p], rank_tol, floor)
@@ -302,9 +301,3 @@ def _result(
     null = null_mean_canonical_correlation(st.n, fx, fy) if null_baseline else None
     return CCAResult(mean=mean, correlations=rho, rank_x=sx.rank, rank_y=sy.rank, n=st.n, null_mean=null, svcca=svcca)
 
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast disabled for float64 statistics (nothing to disable where it is off, e.g. on ``meta``)."""
-    return (
-        contextlib.nullcontext() if autocast_dtype(device_type) is None else torch.autocast(device_type, enabled=False)
-    )

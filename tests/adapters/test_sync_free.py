@@ -34,7 +34,7 @@ def _cases():
                 if head == "single" and joint:
                     continue
                 for monitor in (False, True):
-                    marks = [pytest.mark.xfail(strict=True, reason=_MONITOR_ON_META)] if monitor and joint else []
+                    marks: list = []
                     yield pytest.param(name, head, joint, monitor, marks=marks,
                                        id=f"{name}-{head}-{'joint' if joint else 'inv'}-{'cca' if monitor else 'nocca'}")
 

@@ -105,7 +105,7 @@ def test_check_finite_must_be_a_bool(value):
 def test_norms_the_bank_cannot_compute_like_its_modules_are_refused(norm):
     """Only norms whose fused form equals the per-expert to_modules() one are accepted (an InstanceNorm1d
     normalises each sample on its own; a BatchNorm2d wants images)."""
-    with pytest.raises(TypeError, match=rf"norm_layer must be a BatchNorm class .*got .*{norm.__name__}"):
+    with pytest.raises(TypeError, match=rf"norm_layer must be one of BatchNorm1d, SyncBatchNorm, LayerNorm .*got .*{norm.__name__}"):
         ExpertBank(3, 6, 5, 4, norm_layer=norm)
     with pytest.raises(TypeError, match=norm.__name__):
         ExpertBank(3, 6, 5, 4, last_norm_layer=norm)

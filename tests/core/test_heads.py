@@ -205,8 +205,7 @@ def test_head_validates_x_once_and_runs_its_layers_unchecked(monkeypatch):
         raise AssertionError("a checked layer forward ran inside head(x)")
 
     monkeypatch.setattr(routing.SoftRouter, "forward", checked)
-    if hasattr(ExpertBank, "_forward"):  # the bank's unchecked path
-        monkeypatch.setattr(ExpertBank, "forward", checked)
+    monkeypatch.setattr(ExpertBank, "forward", checked)
     torch.manual_seed(0)
     for head in (STARHead(6, 4, num_experts=3), SeparateHeads(6, output_dim=4), SharedSpecificHead(6, output_dim=4)):
         x = torch.randn(5, 6)
