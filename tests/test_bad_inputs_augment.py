@@ -1,4 +1,4 @@
-"""Property-based bad-input suite for the augmentation and equivariance entry points (issue 12).
+"""Property-based bad-input suite for the augmentation and equivariance entry points.
 
 Every call either raises the documented exception type with a message that names the argument, or
 returns a finite result of the right shape: never a silent NaN, a wrong shape or a reinterpreted value.

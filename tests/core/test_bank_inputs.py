@@ -1,4 +1,4 @@
-"""ExpertBank input checks in the user's terms (issue 12.3): raised before any state changes, no host syncs by default."""
+"""ExpertBank input checks in the user's terms: raised before any state changes, no host syncs by default."""
 
 import copy
 

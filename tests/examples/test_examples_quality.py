@@ -66,7 +66,7 @@ def test_cca_rows_are_consistent(quick):
         assert traj[-1]["cca_mean"] == pytest.approx(r["final"]["cca_mean"], abs=1e-6)
     # Parameter matching: the separate heads are within 5 % of STAR-8's parameters.
     assert abs(sep["head_params"] / star["head_params"] - 1) <= 0.05
-    # STAR's two routers start uniform and identical, so z_inv ≈ z_eq at step 0 (issue 13).
+    # STAR's two routers start uniform and identical, so z_inv ≈ z_eq at step 0.
     assert star["step0"]["cca_mean"] > 0.9
 
 
