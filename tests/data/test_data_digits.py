@@ -57,7 +57,7 @@ def test_the_data_extra_is_scikit_learn_only():
         import tomllib
     except ImportError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
-    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     assert [d.split(">")[0] for d in extras["optional-dependencies"]["data"]] == ["scikit-learn"]
 
 

@@ -281,7 +281,7 @@ def test_docs_examples_run():
     import re
 
     path = "docs/losses.md"
-    text = (pathlib.Path(__file__).parent.parent / path).read_text()
+    text = (pathlib.Path(__file__).parents[2] / path).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks
     for block in blocks:

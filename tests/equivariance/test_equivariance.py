@@ -299,7 +299,7 @@ def _python_blocks(path: str) -> list[str]:
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parent.parent / path).read_text()
+    text = (pathlib.Path(__file__).parents[2] / path).read_text()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
