@@ -22,8 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._common import (interleaved, machine_info, machine_line, output_dir, single_thread, table, write_json,
-                                write_section)
+from benchmarks._common import (
+    interleaved,
+    machine_info,
+    machine_line,
+    output_dir,
+    single_thread,
+    table,
+    write_json,
+    write_section,
+)
 from star_heads.metrics import CCAMeter, mean_canonical_correlation, null_mean_canonical_correlation
 
 FULL = {"configs": [(4096, 64, 10), (4096, 128, 10), (16384, 64, 10), (16384, 128, 10), (4096, 512, 10),

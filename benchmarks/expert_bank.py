@@ -31,8 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks._common import (count_ops, interleaved, machine_info, machine_line, output_dir, peak_bytes, saved_bytes,
-                                single_thread, table, write_json, write_section)
+from benchmarks._common import (
+    count_ops,
+    interleaved,
+    machine_info,
+    machine_line,
+    output_dir,
+    peak_bytes,
+    saved_bytes,
+    single_thread,
+    table,
+    write_json,
+    write_section,
+)
 from star_heads.experts import ExpertBank
 
 CONFIGS = {"STL10": (16, 512, 512, 128, 768), "ImageNet100": (8, 2048, 2048, 128, 256),

@@ -40,7 +40,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -106,8 +105,8 @@ def _examples() -> tuple[Any, Any]:
 def cca_stats(backbone: Any, adapter: Any, images: Any, aug: Any) -> dict[str, float]:
     """Mean CCA, null, excess and SVCCA(0.99) of ``adapter.embed`` on un-augmented ``images``, eval mode, float64."""
     import torch
-
     from common.training import extract_features
+
     from star_heads.metrics import CCAMeter, svcca
 
     h = extract_features(backbone, images, aug, torch.device("cpu"))
@@ -132,7 +131,6 @@ def initial_model(cfg: dict[str, Any]) -> tuple[Any, Any]:
 
     import numpy as np
     import torch
-
     from common.backbones import build_backbone
     from common.training import build_adapter
 
@@ -155,6 +153,7 @@ def _final_model(run_dir: Path, cfg: dict[str, Any]) -> tuple[Any, Any]:
 
 def _head_params(cfg: dict[str, Any]) -> int:
     from common.training import build_head_module
+
     from star_heads.sizing import count_parameters
 
     return count_parameters(build_head_module(cfg, 8 * cfg["width"]))

@@ -27,8 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import (interleaved, machine_info, machine_line, output_dir, peak_bytes, saved_bytes,
-                                single_thread, table, write_json, write_section)
+from benchmarks._common import (
+    interleaved,
+    machine_info,
+    machine_line,
+    output_dir,
+    peak_bytes,
+    saved_bytes,
+    single_thread,
+    table,
+    write_json,
+    write_section,
+)
 from star_heads.adapters import EquiModAdapter, SimCLRAdapter
 from star_heads.baselines import SeparateHeads
 from star_heads.metrics import CCAMonitor

@@ -47,11 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-
 from common.backbones import build_backbone  # noqa: E402
-from common.datasets import DatasetError, pretrain_data, to_float  # noqa: E402
 from common.budget import estimate_memory, total_memory  # noqa: E402
+from common.datasets import DatasetError, pretrain_data, to_float  # noqa: E402
 from common.fabric import configure_cuda, make_fabric, torchrun_world  # noqa: E402
 from common.options import (  # noqa: E402
     HEADS,
@@ -77,6 +75,7 @@ from common.training import (  # noqa: E402
     progress,
     train_step,
 )
+from torch import nn  # noqa: E402
 
 import star_heads  # noqa: E402
 import star_heads.distributed  # noqa: E402,F401  (before init_process_group: see its "Process-group teardown")

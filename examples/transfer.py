@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from common.backbones import build_backbone  # noqa: E402
 from common.datasets import DatasetError, transfer_tasks  # noqa: E402
 from common.options import CLIError, OneLineParser, resolve_device  # noqa: E402

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import star_heads.distributed as sd
-from dist_utils import run_distributed
 from star_heads.losses import equivariant_nt_xent, nt_xent, vicreg
 
 B, IN, D, P = 8, 6, 5, 3

@@ -3,10 +3,10 @@ predictor: SyncBatchNorm only syncs on GPUs, so per-rank BatchNorm statistics di
 
 import pytest
 import torch
+from dist_utils import run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_utils import run_distributed
 from star_heads.adapters import SimCLRAdapter, VICRegAdapter
 from star_heads.equivariance import EquivariantPredictor
 from star_heads.heads import STARHead

@@ -10,12 +10,12 @@ guard, so a pass means something.
 import numpy as np
 import pytest
 import torch
+from sync_guard import HostSyncError, HostSyncGuard
 
 import star_heads
 from star_heads.adapters import EquiModAdapter, SimCLRAdapter, VICRegAdapter
 from star_heads.losses import equivariant_nt_xent, nt_xent, vicreg
 from star_heads.metrics import CCAMonitor
-from sync_guard import HostSyncError, HostSyncGuard
 
 ADAPTERS = {"simclr": SimCLRAdapter, "vicreg": VICRegAdapter, "equimod": EquiModAdapter}
 HEADS = ["star", "separate", "shared", "single"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle import loop_mixture
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from oracle import loop_mixture
 from star_heads.experts import ExpertBank
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from oracle import loop_mixture, loop_outputs
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from oracle import loop_mixture, loop_outputs
 from star_heads.experts import ExpertBank
 
 NORMS = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm, "none": None}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dist_utils import run_distributed
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from dist_utils import run_distributed
 from star_heads import value_checks
 from star_heads.equivariance import (
     STL10_PARAM_MEAN,

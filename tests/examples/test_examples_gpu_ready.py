@@ -13,9 +13,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 pytest.importorskip("kornia")
 
-from sync_guard import HostSyncGuard  # noqa: E402
-
 from common.training import build_augment, train_step  # noqa: E402
+from sync_guard import HostSyncGuard  # noqa: E402
 
 CFG = {"method": "equimod", "head": "star", "num_experts": 2, "lam": 1.0, "temperature": 0.2, "backbone": "convnet",
        "width": 4, "cifar_stem": False, "invariant_only": False, "check_finite": False, "compile": False,
@@ -106,11 +105,10 @@ def test_build_model_places_every_parameter_and_buffer_on_the_device():
 
 def _compile_counts(cfg: dict, steps: int) -> tuple[int, int, int, int]:
     """(unique graphs after the first step, after all steps, recompiles, graph breaks) of pretrain's model."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.utils import counters
-
     import pretrain
+    import torch._dynamo as dynamo
     from common.training import build_optimizer
+    from torch._dynamo.utils import counters
 
     dynamo.reset()
     counters.clear()

@@ -236,9 +236,8 @@ def test_paper_lr_rule_all_wd_and_param_matched_separate_heads(tmp_path):
 
 
 def test_non_finite_features_never_reach_the_batchnorm_statistics():
-    from torch import nn
-
     from common.training import NonFiniteError, SSLModel, build_adapter
+    from torch import nn
 
     cfg = {"method": "equimod", "head": "star", "num_experts": 2, "lam": 1.0, "temperature": 0.2}
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from common.backbones import ConvNet, build_backbone, resolve_backbone, torchvision_error  # noqa: E402
 import common.runs as runs_mod  # noqa: E402
+from common.backbones import ConvNet, build_backbone, resolve_backbone, torchvision_error  # noqa: E402
 from common.runs import RunDir, RunError, capture_rng, check_writable_dir, restore_rng  # noqa: E402
 
 
