@@ -29,14 +29,16 @@ from star_heads.losses import (
     vicreg,
 )
 from star_heads.metrics import (
+    AugmentationR2,
     CCAMeter,
     CCAMonitor,
     CCAResult,
+    augmentation_r2,
     canonical_correlations,
     mean_canonical_correlation,
 )
 from star_heads.optim import param_groups
-from star_heads.routing import RoutingStats, SoftRouter, routing_stats
+from star_heads.routing import ROUTER_INITS, RoutingStats, SoftRouter, routing_stats
 from star_heads.sizing import count_parameters, linear_macs
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     # heads and their parts
     "ExpertBank",
     "SoftRouter",
+    "ROUTER_INITS",
     "MMoEHead",
     "STARHead",
     "STARSimCLRProjectionHead",
@@ -80,6 +83,8 @@ __all__ = [
     "CCAMeter",
     "CCAResult",
     "CCAMonitor",
+    "augmentation_r2",
+    "AugmentationR2",
     # augmentation (kornia is imported only when STARAugment is built)
     "STARAugment",
     "AugmentConfig",
