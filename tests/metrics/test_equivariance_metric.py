@@ -109,7 +109,7 @@ def test_split_is_by_image_so_repeated_pairs_do_not_leak():
     pa, pb = _params(n_img, seed=8)
     g = torch.Generator().manual_seed(9)
     za, zb = torch.randn(n_img, d, generator=g, dtype=torch.float64), torch.randn(n_img, d, generator=g, dtype=torch.float64)
-    rep = lambda t: t.repeat_interleave(4, 0)  # noqa: E731
+    rep = lambda t: t.repeat_interleave(4, 0)
     ids = torch.arange(n_img).repeat_interleave(4)
     by_image = augmentation_r2(rep(za), rep(zb), rep(pa), rep(pb), ids)
     assert by_image.n_fit % 4 == 0 and max(by_image.groups.values()) < 0.2
