@@ -139,8 +139,8 @@ GRIDS: dict[str, Grid] = {
     "standard": Grid("standard", "128-D embeddings of 64-D features", (RANDOM, SEP8, STAR8, SEP16, STAR16),
                      {**BASE, "output_dim": 128}, (("star-8", "sep-pm8"), ("star-16", "sep-pm16"))),
 }
-MEASURE = {"transfer": {"grid_points": 12, "num_train": 2000, "num_test": 1000, "max_iter": 200, "tasks": ["shape", "color"]},
-           "equiv_images": 1024, "equiv_pairs_per_image": 2, "svcca_keep": SVCCA_KEEP, "top_k": TOP_K}
+MEASURE = {"transfer": {"grid_points": 12, "num_train": 2000, "num_test": 1000, "max_iter": 100, "tasks": ["shape", "color"]},
+           "equiv_images": 512, "equiv_pairs_per_image": 2, "svcca_keep": SVCCA_KEEP, "top_k": TOP_K}
 QUICK = {**BASE, "width": 4, "epochs": 2, "batch_size": 16, "num_train": 64, "num_heldout": 512, "steps_per_epoch": 2}
 QUICK_MEASURE = {"transfer": {"grid_points": 2, "num_train": 60, "num_test": 40, "max_iter": 20, "tasks": ["shape", "color"]},
                  "equiv_images": 256, "equiv_pairs_per_image": 2, "svcca_keep": SVCCA_KEEP, "top_k": TOP_K}
@@ -391,13 +391,19 @@ def measure_run(arm: Arm, seed: int, settings: dict[str, Any], measure: dict[str
 
 
 def run_one(arm: Arm, seed: int, runs_dir: str, settings: dict[str, Any], measure: dict[str, Any] | None,
-            threads: int | None = None) -> dict[str, Any] | None:
-    """Trains (or reuses) one arm × seed and, unless ``measure`` is None, measures it; returns its row."""
+            threads: int | None = None, train: bool = True) -> dict[str, Any] | None:
+    """Trains (or reuses) one arm × seed and, unless ``measure`` is None, measures it; returns its row.
+
+    With ``train=False`` a run that is not trained yet is skipped (None).
+    """
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     run_dir = _run_dir(runs_dir, arm, seed, settings)
+    marker = run_dir / "train.json"
+    if not train and not (marker.exists() and json.loads(marker.read_text()).get("key") == _train_key(arm, seed, settings)):
+        return None
     info = train_run(arm, seed, settings, run_dir)
     if measure is None:
         return None
@@ -453,7 +459,7 @@ def summarize(rows: list[dict[str, Any]], arms: list[Arm], comparisons: tuple[tu
         joint = [r for r in rs if r.get("final")]
         entry = {"arm": a.name, "label": a.label, "seeds": len(rs), "head_params": rs[0].get("head_params"),
                  **{t: _ms([r["acc"][t] for r in rs], 100, 1) for t in tasks},
-                 "knn": _ms([r.get("knn_acc") for r in rs], 100, 1)}
+                 "knn": _ms([r.get("knn_acc") for r in rs], 100, 1), "seed_list": ", ".join(str(r["seed"]) for r in rs)}
         for w in ("step0", "final"):
             entry |= {f"{w}_{k}": _ms([r[w][k] for r in joint]) for k in ("cca_mean", "cca_null", "cca_excess", "svcca")}
             entry[f"{w}_top"] = " / ".join(_ms([r[w]["top"][i] for r in joint], digits=2).split(" ± ")[0]
@@ -506,7 +512,7 @@ def render(summary: dict[str, Any], payload: dict[str, Any]) -> str:
         f"Mean ± sd over seeds."
     )
     tasks = summary["tasks"]
-    cols = {"label": "head", "head_params": "head params", "step0_cca_mean": "CCA step 0",
+    cols = {"label": "head", "seed_list": "seeds", "head_params": "head params", "step0_cca_mean": "CCA step 0",
             "final_cca_mean": "CCA ↓", "final_cca_null": "null", "final_cca_excess": "excess ↓",
             "final_svcca": "SVCCA ↓", "step0_top": f"top-{TOP_K} ρ step 0", "final_top": f"top-{TOP_K} ρ",
             **{k: f"{k} %" for k in tasks}, "knn": "kNN %"}
@@ -577,21 +583,25 @@ def _parser() -> argparse.ArgumentParser:
                    "--quick: a new temporary folder)")
     p.add_argument("--runs-dir", type=Path, default=None,
                    help="run directories (default runs/quality; --quick: inside the output folder)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1")
+    p.add_argument("--seeds", type=int, default=3, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1")
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--arms", nargs="+", default=None, help="only these arms of the grid")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each when > 1")
     p.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, measure and write nothing")
+    p.add_argument("--no-train", action="store_true",
+                   help="measure and report only the runs already trained (the others are left out of the tables)")
     return p
 
 
-def _execute(jobs: list[tuple[Arm, int]], runs_dir: Path, settings: dict, measure: dict | None, n_jobs: int) -> list:
+def _execute(jobs: list[tuple[Arm, int]], runs_dir: Path, settings: dict, measure: dict | None, n_jobs: int,
+             train: bool = True) -> list:
     if n_jobs <= 1:
-        return [run_one(a, s, str(runs_dir), settings, measure) for a, s in jobs]
+        return [run_one(a, s, str(runs_dir), settings, measure, None, train) for a, s in jobs]
     import multiprocessing as mp
 
     rows, errors = [], []
     with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as ex:
-        futures = [ex.submit(run_one, a, s, str(runs_dir), settings, measure, 1) for a, s in jobs]
+        futures = [ex.submit(run_one, a, s, str(runs_dir), settings, measure, 1, train) for a, s in jobs]
         for (a, s), fut in zip(jobs, futures):  # one failing run must not cancel the others
             try:
                 rows.append(fut.result())
@@ -608,18 +618,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     measure = QUICK_MEASURE if args.quick else MEASURE
     arms = [a for a in grid.arms if args.arms is None or a.name in args.arms]
     out = output_dir(args.out_dir, args.quick)
-    seeds = list(range(1 if args.quick else args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds)))
     runs_dir = args.runs_dir or (out / "runs" if args.quick else ROOT / "runs" / "quality")
     machine = machine_info()
     # longest runs first, so that two workers finish together
     jobs = sorted(((a, s) for s in seeds for a in arms), key=lambda j: j[0].head is None)
     t0 = time.perf_counter()
-    rows = _execute(jobs, runs_dir, grid.settings, None if args.train_only else measure, args.jobs)
+    rows = _execute(jobs, runs_dir, grid.settings, None if args.train_only else measure, args.jobs, not args.no_train)
     wall = time.perf_counter() - t0
     if args.train_only:
         print(f"trained {len(jobs)} run(s) in {wall / 60:.1f} min", flush=True)
         return None
-    rows.sort(key=lambda r: (r["seed"], [a.name for a in arms].index(r["arm"])))
+    rows = sorted((r for r in rows if r is not None), key=lambda r: (r["seed"], [a.name for a in arms].index(r["arm"])))
+    seeds = sorted({r["seed"] for r in rows})
     summary = summarize(rows, arms, grid.comparisons)
     payload = {"benchmark": "quality", "grid": grid.name, "title": grid.title, "quick": args.quick,
                "machine": machine, "settings": grid.settings, "measure": measure, "seeds": seeds, "jobs": args.jobs,
