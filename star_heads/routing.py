@@ -30,7 +30,7 @@ from star_heads._checks import (
 )
 from star_heads._precision import autocast_dtype
 
-__all__ = ["ROUTER_INITS", "RouterInit", "SoftRouter", "RoutingStats", "routing_stats"]
+__all__ = ["ROUTER_INITS", "RouterInit", "RoutingStats", "SoftRouter", "routing_stats"]
 
 RouterInit = Literal["default", "task-distinct", "noisy"]
 ROUTER_INITS: tuple[str, ...] = ("default", "task-distinct", "noisy")
@@ -91,7 +91,7 @@ class SoftRouter(nn.Module):
             self.linear = nn.Linear(input_dim, num_tasks * num_experts, **factory)
         else:
             self.logits = nn.Parameter(torch.zeros(num_tasks * num_experts, **factory))
-        if init != "default":
+        if self.init_scale is not None:  # every init but "default" has a scale
             _init_bias_(self.linear.bias if conditional else self.logits, init, self.init_scale, num_tasks, num_experts)
         log_t = torch.tensor(math.log(temperature), **factory)
         if learn_temperature:

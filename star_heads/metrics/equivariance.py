@@ -31,7 +31,13 @@ from typing import Literal
 
 import torch
 
-from star_heads._checks import check_choice, check_float_tensor, check_int, check_names, check_probability
+from star_heads._checks import (
+    check_choice,
+    check_float_tensor,
+    check_int,
+    check_names,
+    check_probability,
+)
 from star_heads.augment._params import PARAM_NAMES
 
 __all__ = ["AugmentationR2", "PairFeatures", "augmentation_r2", "parameter_groups"]
