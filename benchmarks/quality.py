@@ -586,7 +586,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--arms", nargs="+", default=None, help="only these arms of the grid")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each when > 1")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
     p.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, measure and write nothing")
     p.add_argument("--no-train", action="store_true",
                    help="measure and report only the runs already trained (the others are left out of the tables)")
@@ -595,8 +595,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _execute(jobs: list[tuple[Arm, int]], runs_dir: Path, settings: dict, measure: dict | None, n_jobs: int,
              train: bool = True) -> list:
-    if n_jobs <= 1:
-        return [run_one(a, s, str(runs_dir), settings, measure, None, train) for a, s in jobs]
+    if n_jobs <= 1:  # one torch thread per run in every case (the protocol's budget)
+        return [run_one(a, s, str(runs_dir), settings, measure, 1, train) for a, s in jobs]
     import multiprocessing as mp
 
     rows, errors = [], []
