@@ -1,236 +1,416 @@
-"""Quality protocol on ``shapes``: STAR N = 8 and 16 against parameter-matched separate heads, EquiMod's head shape
-and the invariant-only baseline, paired by seed, with the untrained backbone as the floor.
+"""Quality protocol on ``shapes``: is STAR less redundant than parameter-matched separate heads, and at what cost?
 
-    python -m benchmarks.quality [--jobs 2] [--seeds 3] [--quick] [--out-dir DIR] [--runs-dir DIR]
+    python -m benchmarks.quality --grid NAME [--jobs 2] [--seeds 3] [--train-only] [--quick] [--out-dir DIR]
 
-Every arm is trained by ``examples/pretrain.py`` (imported, same code as a user runs) with the EquiMod-style
-objective (invariant NT-Xent + equivariant NT-Xent through STAR's residual predictor; the invariant-only arm
-trains the invariant term alone) on the same data, budget and seeds; only the projection head differs:
+Grids (``GRIDS``; each a set of arms × seeds at one budget):
 
-=============  ======================================================================================
-``random``     no pretraining: the seeded initial backbone of each seed (the floor)
-``single``     invariant-only (SimCLR head, one MLP of STAR's expert shape)
-``sep-pm8``    separate inv / eq MLPs, hidden width chosen so the head has STAR-8's parameters (±5 %)
-``star-8``     STAR, 8 experts (expert hidden width = backbone width d, as in the paper)
-``sep-pm16``   separate MLPs matched to STAR-16
-``equimod``    EquiMod's head shape (``SeparateHeads.equimod``: d → 4d → 4d → 128, final BN without
-               affine) — the paper's ResNet-18 ratio 2048 / 512, about STAR-16's size as in the paper
-``star-16``    STAR, 16 experts
-=============  ======================================================================================
+=================  ===============================================================================================
+``narrow``         embeddings a quarter of the backbone width (ConvNet width 8, d = 64 → 16-D, the paper's
+                   512 → 128 ratio): STAR N = 8 and 16 beside separate heads matched to each, untrained floor
+``router-init``    the same setting, STAR-8 and STAR-16 with each router start (``SoftRouter(init=...)``: default,
+                   task-distinct, noisy) beside its matched separate heads: same backbone, experts, predictor
+                   and data per seed
+``long``           STAR-16 and its matched separate heads in the narrow setting, trained 4× longer
+``standard``       the 128-D setting of the earlier grid (width 8, 1024 steps); not re-run by default
+=================  ===============================================================================================
 
-CCA protocol (the paper does not publish its own): the invariant and equivariant embeddings ``adapter.embed``
-(128-D each, eval mode, no augmentation) of a fixed held-out set of ``num_heldout`` (4096) images that no run
-trains on; float64; reported as the mean canonical correlation over all components, the shuffled-pairs null
-baseline for the same n and ranks, their difference (excess over null) and SVCCA keeping 99 % of each view's
-variance. At step 0 (the seeded initial model, rebuilt exactly as pretrain.py builds it) and at the end; the
-mean CCA and its null after every epoch come from the run's own metrics (same held-out set).
+Every arm is trained by the loop below from the examples' building blocks (``common.training``: ``SSLModel``,
+``build_augment``, ``build_optimizer``, ``make_loader``, ``evaluate``; ``common.backbones.build_backbone``;
+``common.datasets``; ``common.probe.linear_probe``): EquiMod-style objective (invariant NT-Xent + equivariant
+NT-Xent through STAR's residual predictor), SGD 0.03 cosine, the same data, augmentation draws and seeds for
+every arm. Per seed, the backbone and the head are built right after ``torch.manual_seed(seed)``, then the
+predictor after ``torch.manual_seed(seed + PREDICTOR_SEED_OFFSET)``: arms that differ only in the router start
+share the backbone, experts, router weights and predictor exactly.
 
-Transfer: ``examples/transfer.py``'s linear probe of the frozen backbone on shape, colour, rotation and digits.
-A task is *judged* only when every pretrained arm beats the untrained backbone by more than two standard
-deviations of the paired (same-seed) gain; head comparisons are paired differences over seeds (mean ± sd).
+Measured on ``num_heldout`` fixed held-out images no run trains on (eval mode, float64), at step 0 and at the
+end: the mean canonical correlation of ``z_inv`` and ``z_eq``, its null (the expected mean for independent
+embeddings of the same n and ranks), the excess (mean − null), SVCCA keeping 99 % of each view's variance and
+the top canonical correlations; the mean CCA and its null after every epoch (the trajectory); the
+equivariance readout ``star_heads.metrics.augmentation_r2`` of both embeddings on pairs of views of held-out
+images; the linear probe of the frozen backbone (shape, colour, rotation, digits). Paired statistics are
+per-seed differences (mean ± sd, and the number of seeds with a positive difference).
 
-A full run writes ``docs/benchmarks/quality.json``, the ``quality`` section of ``docs/results.md`` and
-``docs/images/quality_cca.png``; ``--quick`` (two arms, one seed, a few steps) writes them under a temporary
-folder. Finished runs in ``--runs-dir`` are reused when their settings match, so an interrupted grid continues.
+Runs are cached in ``--runs-dir`` (default ``runs/quality``): training in ``train.json`` + ``*.pt`` (keyed by
+the training settings), measurements in ``quality.json`` (keyed by the measurement settings), so a grid can be
+extended (more seeds, new arms) or re-measured without retraining. A full run writes
+``docs/benchmarks/quality_<grid>.json``, the ``quality-<grid>`` section of ``docs/results.md`` and
+``docs/images/quality_<grid>_cca.png``; ``--quick`` writes them under a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import machine_info, machine_line, output_dir, table, write_json, write_section
+from benchmarks._common import (
+    machine_info,
+    machine_line,
+    output_dir,
+    table,
+    write_json,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "examples") not in sys.path:  # the examples' building blocks are imported as ``common.*``
+    sys.path.insert(0, str(ROOT / "examples"))
 
-__all__ = ["ARMS", "SETTINGS", "Arm", "arms_for", "cca_stats", "initial_model", "main", "paired", "run_one", "summarize"]
+__all__ = [
+    "GRIDS",
+    "QUICK",
+    "Arm",
+    "Grid",
+    "build_model",
+    "cca_stats",
+    "main",
+    "measure_run",
+    "paired",
+    "render",
+    "summarize",
+    "train_run",
+]
+
+PREDICTOR_SEED_OFFSET = 10_000
+EQUIV_SEED = 20_251_027  # fixed draw of the views for the equivariance readout (same for every arm and seed)
+SVCCA_KEEP = 0.99
+TOP_K = 3
+TASKS = ("shape", "color", "rotation", "digits")
+GROUPS = ("crop", "color", "blur", "flip", "grayscale")
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One head of the grid: its name, its table label and its pretrain.py options (None: untrained)."""
+    """One head of a grid. ``head`` is a ``build_head`` kind, ``"equimod"`` or None (the untrained floor)."""
 
     name: str
     label: str
-    args: tuple[str, ...] | None
+    head: str | None
+    num_experts: int | None = None
+    match_params: bool = False
+    router_init: str = "default"
+    router_init_scale: float | None = None
 
 
-def arms_for(width: int) -> list[Arm]:
-    """The arms of the protocol for a ConvNet of first-stage ``width`` (features d = 8 · width)."""
-    d = 8 * width
-    return [
-        Arm("random", "untrained backbone (floor)", None),
-        Arm("single", "invariant only (SimCLR head)", ("--head", "single")),
-        Arm("sep-pm8", "separate, matched to STAR-8", ("--head", "separate", "--match-params", "--num-experts", "8")),
-        Arm("star-8", "STAR N=8", ("--head", "star", "--num-experts", "8")),
-        Arm("sep-pm16", "separate, matched to STAR-16",
-            ("--head", "separate", "--match-params", "--num-experts", "16")),
-        Arm("equimod", f"EquiMod heads (hidden {4 * d})", ("--head", "equimod", "--hidden-dim", str(4 * d))),
-        Arm("star-16", "STAR N=16", ("--head", "star", "--num-experts", "16")),
-    ]
+@dataclass(frozen=True)
+class Grid:
+    """Arms, training budget and paired comparisons of one experiment."""
+
+    name: str
+    title: str
+    arms: tuple[Arm, ...]
+    settings: dict[str, Any]
+    comparisons: tuple[tuple[str, str], ...]
 
 
-# 16 epochs × 64 steps of batch 64 = 1024 SGD steps on 4096 images; CCA on 4096 held-out images. ConvNet width 8
-# (d = 64): with width 16 the 18 training runs take over two hours on a shared 2-core CPU.
-SETTINGS = {"epochs": 16, "batch_size": 64, "num_train": 4096, "num_heldout": 4096, "width": 8}
-TRANSFER = {"grid_points": 12, "num_train": 2000, "num_test": 1000, "max_iter": 200}
-ARMS = arms_for(SETTINGS["width"])
-QUICK = {"epochs": 1, "batch_size": 16, "num_train": 64, "num_heldout": 512, "width": 4, "steps_per_epoch": 2}
-QUICK_TRANSFER = {"grid_points": 2, "num_train": 60, "num_test": 40, "max_iter": 20, "tasks": ["shape", "color"]}
-QUICK_ARMS = ("random", "sep-pm8", "star-8")
-TASKS = ("shape", "color", "rotation", "digits")
-COMPARISONS = (("star-8", "sep-pm8"), ("star-16", "sep-pm16"), ("star-16", "equimod"), ("star-8", "single"),
-               ("star-16", "single"), ("star-16", "star-8"))
-SVCCA_KEEP = 0.99
+RANDOM = Arm("random", "untrained backbone (floor)", None)
+SEP8 = Arm("sep-pm8", "separate, matched to STAR-8", "separate", 8, True)
+STAR8 = Arm("star-8", "STAR N=8", "star", 8)
+SEP16 = Arm("sep-pm16", "separate, matched to STAR-16", "separate", 16, True)
+STAR16 = Arm("star-16", "STAR N=16", "star", 16)
+STAR8_DISTINCT = Arm("star-8-distinct", "STAR N=8, task-distinct start (±3)", "star", 8,
+                     router_init="task-distinct", router_init_scale=3.0)
+STAR8_NOISY = Arm("star-8-noisy", "STAR N=8, noisy start (N(0, 2²))", "star", 8, router_init="noisy",
+                  router_init_scale=2.0)
+STAR16_DISTINCT = Arm("star-16-distinct", "STAR N=16, task-distinct start (±3)", "star", 16,
+                      router_init="task-distinct", router_init_scale=3.0)
+STAR16_NOISY = Arm("star-16-noisy", "STAR N=16, noisy start (N(0, 2²))", "star", 16,
+                   router_init="noisy", router_init_scale=2.0)
+
+BASE = {"width": 8, "output_dim": 16, "epochs": 16, "batch_size": 64, "num_train": 4096, "num_heldout": 4096,
+        "steps_per_epoch": None, "lr": 0.03, "momentum": 0.9, "weight_decay": 5e-4, "lam": 1.0, "temperature": 0.2}
+GRIDS: dict[str, Grid] = {
+    "narrow": Grid("narrow", "16-D embeddings of 64-D features", (RANDOM, SEP8, STAR8, SEP16, STAR16), BASE,
+                   (("star-8", "sep-pm8"), ("star-16", "sep-pm16"), ("star-16", "star-8"))),
+    "router-init": Grid("router-init", "router start, 16-D embeddings",
+                        (RANDOM, SEP8, STAR8, STAR8_DISTINCT, STAR8_NOISY, SEP16, STAR16, STAR16_DISTINCT, STAR16_NOISY),
+                        BASE, tuple((f"star-{n}{v}", ref) for n in (8, 16) for v, ref in
+                                    (("-distinct", f"sep-pm{n}"), ("-noisy", f"sep-pm{n}"), ("-distinct", f"star-{n}"),
+                                     ("-noisy", f"star-{n}")))),
+    "long": Grid("long", "4× longer, 16-D embeddings", (RANDOM, SEP16, STAR16), {**BASE, "epochs": 64},
+                 (("star-16", "sep-pm16"),)),
+    "standard": Grid("standard", "128-D embeddings of 64-D features", (RANDOM, SEP8, STAR8, SEP16, STAR16),
+                     {**BASE, "output_dim": 128}, (("star-8", "sep-pm8"), ("star-16", "sep-pm16"))),
+}
+MEASURE = {"transfer": {"grid_points": 12, "num_train": 2000, "num_test": 1000, "max_iter": 100, "tasks": ["shape", "color"]},
+           "equiv_images": 512, "equiv_pairs_per_image": 2, "svcca_keep": SVCCA_KEEP, "top_k": TOP_K}
+QUICK = {**BASE, "width": 4, "epochs": 2, "batch_size": 16, "num_train": 64, "num_heldout": 512, "steps_per_epoch": 2}
+QUICK_MEASURE = {"transfer": {"grid_points": 2, "num_train": 60, "num_test": 40, "max_iter": 20, "tasks": ["shape", "color"]},
+                 "equiv_images": 256, "equiv_pairs_per_image": 2, "svcca_keep": SVCCA_KEEP, "top_k": TOP_K}
+QUICK_GRID = Grid("quick", "smoke test", (RANDOM, SEP8, STAR8, replace(STAR8, name="star-8-noisy", router_init="noisy")),
+                  QUICK, (("star-8", "sep-pm8"), ("star-8-noisy", "star-8")))
 
 
-def _examples() -> tuple[Any, Any]:
-    """pretrain.py and transfer.py (the examples are scripts, not a package: their folder goes on sys.path)."""
-    path = str(ROOT / "examples")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    import pretrain
-    import transfer
-
-    return pretrain, transfer
-
-
-def cca_stats(backbone: Any, adapter: Any, images: Any, aug: Any) -> dict[str, float]:
-    """Mean CCA, null, excess and SVCCA(0.99) of ``adapter.embed`` on un-augmented ``images``, eval mode, float64."""
-    import torch
-    from common.training import extract_features
-
-    from star_heads.metrics import CCAMeter, svcca
-
-    h = extract_features(backbone, images, aug, torch.device("cpu"))
-    was = adapter.training
-    adapter.eval()
-    try:
-        with torch.no_grad():
-            emb = adapter.embed(h)
-    finally:
-        adapter.train(was)
-    x, y = emb["inv"].double(), emb["eq"].double()
-    meter = CCAMeter(x.shape[1], y.shape[1])
-    meter.update(x, y)
-    res = meter.compute()
-    return {"cca_mean": float(res.mean), "cca_null": float(res.null_mean), "cca_excess": float(res.excess),
-            "svcca": float(svcca(x, y, keep=SVCCA_KEEP)), "n": int(res.n)}
-
-
-def initial_model(cfg: dict[str, Any]) -> tuple[Any, Any]:
-    """The backbone and adapter that ``pretrain.train`` starts from for ``cfg`` (same seeding, same build order)."""
+def _seed_all(seed: int) -> None:
     import random
 
     import numpy as np
     import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_model(arm: Arm, seed: int, settings: dict[str, Any]) -> tuple[Any, Any]:
+    """The seeded initial backbone and adapter of ``arm`` (adapter None for the untrained floor).
+
+    Backbone then head after ``torch.manual_seed(seed)``; the predictor after a second fixed seed, so that the
+    router start (drawn last in the head) changes nothing else.
+    """
+    import torch
     from common.backbones import build_backbone
-    from common.training import build_adapter
 
-    torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
-    backbone, dim = build_backbone(cfg["backbone"], width=cfg["width"], cifar_stem=cfg["cifar_stem"])
-    return backbone, build_adapter(cfg, dim)
+    from star_heads import SeparateHeads, build_head
+    from star_heads.adapters import EquiModAdapter
+    from star_heads.augment import PARAM_DIM
 
-
-def _final_model(run_dir: Path, cfg: dict[str, Any]) -> tuple[Any, Any]:
-    from common.runs import RunDir
-
-    backbone, adapter = initial_model(cfg)
-    ckpt = RunDir(run_dir).load_checkpoint()
-    backbone.load_state_dict(ckpt["backbone"])
-    adapter.load_state_dict(ckpt["adapter"])
+    _seed_all(seed)
+    backbone, dim = build_backbone("convnet", width=settings["width"])
+    if arm.head is None:
+        return backbone, None
+    out = settings["output_dim"]
+    if arm.head == "equimod":
+        head = SeparateHeads.equimod(dim, hidden_dim=4 * dim, output_dim=out)
+    else:
+        router = ({"router_init": arm.router_init, "router_init_scale": arm.router_init_scale}
+                  if arm.router_init != "default" else {})
+        head = build_head(arm.head, dim, output_dim=out, num_experts=arm.num_experts,
+                          match_params=arm.match_params, **router)
+    torch.manual_seed(seed + PREDICTOR_SEED_OFFSET)
+    adapter = EquiModAdapter(dim, head=head, param_dim=PARAM_DIM, lam=settings["lam"], predictor="star", cca_every=0,
+                             temperature=settings["temperature"], eq_temperature=settings["temperature"])
     return backbone, adapter
 
 
-def _head_params(cfg: dict[str, Any]) -> int:
-    from common.training import build_head_module
-
-    from star_heads.sizing import count_parameters
-
-    return count_parameters(build_head_module(cfg, 8 * cfg["width"]))
+def _run_dir(runs_dir: str | Path, arm: Arm, seed: int, settings: dict[str, Any]) -> Path:
+    s = settings
+    tag = f"w{s['width']}-o{s['output_dim']}-e{s['epochs']}" + (f"-spe{s['steps_per_epoch']}" if s["steps_per_epoch"] else "")
+    return Path(runs_dir) / f"{arm.name}-{tag}-s{seed}"
 
 
-def _trained(run_dir: Path, options: dict[str, Any]) -> bool:
-    """Whether ``run_dir`` holds a finished pretraining run with these options (its probe may be missing)."""
-    from common.runs import RunDir
-
-    run = RunDir(run_dir)
-    if not (run.config_path.exists() and run.checkpoint_path.exists()):
-        return False
-    cfg, rows = run.read_config(), run.read_metrics()
-    keys = [k for k in options if k not in ("out", "overwrite", "resume", "progress", "device", "threads", "workers",
-                                            "stop_after", "image_size", "backbone", "invariant_only")]
-    return bool(rows) and rows[-1]["epoch"] == options["epochs"] and all(cfg.get(k) == options[k] for k in keys)
+def _train_key(arm: Arm, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"arm": asdict(arm) | {"label": None}, "seed": seed, "settings": settings}
 
 
-def run_one(arm: Arm, seed: int, runs_dir: str, settings: dict, transfer_kw: dict,
-            threads: int | None = None) -> dict[str, Any]:
-    """Trains (unless ``arm.args`` is None), measures and probes one arm × seed; returns its row.
+def train_run(arm: Arm, seed: int, settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Trains one arm × seed into ``run_dir`` (``initial.pt``, ``final.pt``, ``train.json``); reused when done."""
+    import torch
+    from common.datasets import pretrain_data, to_float
+    from common.training import (
+        SSLModel,
+        build_augment,
+        build_optimizer,
+        evaluate,
+        make_loader,
+        original_view,
+    )
 
-    A run directory that already holds ``quality.json`` made with the same settings is reused.
-    """
+    marker, key = run_dir / "train.json", _train_key(arm, seed, settings)
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done.get("key") == key:
+            return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    backbone, adapter = build_model(arm, seed, settings)
+    torch.save({"backbone": backbone.state_dict(), "adapter": adapter and adapter.state_dict()}, run_dir / "initial.pt")
+    info: dict[str, Any] = {"key": key, "metrics": []}
+    if adapter is None:
+        marker.write_text(json.dumps(info | {"time_s": 0.0}) + "\n")
+        return info
+    cfg = {"seed": seed, "batch_size": settings["batch_size"], "workers": 0, "lr": settings["lr"],
+           "momentum": settings["momentum"], "weight_decay": settings["weight_decay"], "image_size": 32}
+    data = pretrain_data("shapes", num_train=settings["num_train"], num_heldout=settings["num_heldout"], seed=seed)
+    device = torch.device("cpu")
+    model = SSLModel(backbone, adapter, joint=True)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings["epochs"])
+    aug = build_augment(cfg, device)
+    gen = torch.Generator().manual_seed(seed * 1000)
+    loader, sampler = make_loader(data.train.images, cfg, 0, 1, device)
+    steps = len(loader) if settings["steps_per_epoch"] is None else min(len(loader), settings["steps_per_epoch"])
+    cache: dict[str, Any] = {}
+    step = 0
+    for epoch in range(settings["epochs"]):
+        model.train()
+        sampler.set_epoch(epoch)
+        total = torch.zeros(())
+        for i, batch in enumerate(loader):
+            if i == steps:
+                break
+            x = to_float(batch)
+            x1, p1 = aug(x, generator=gen)
+            x2, p2 = aug(x, generator=gen)
+            out = model(original_view(aug, x), x1, x2, p1, p2)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            total += out.loss.detach()
+            step += 1
+        sched.step()
+        row = evaluate(model.backbone, model.adapter, data, aug, device, cache=cache)
+        loss = float(total) / steps
+        if not math.isfinite(loss):
+            raise RuntimeError(f"{run_dir.name}: non-finite loss in epoch {epoch + 1}")
+        info["metrics"].append({"epoch": epoch + 1, "step": step, "loss": loss,
+                                **{k: row[k] for k in ("cca_mean", "cca_null", "knn_acc", "effective_experts",
+                                                       "gate_mean")}})
+    torch.save({"backbone": backbone.state_dict(), "adapter": adapter.state_dict()}, run_dir / "final.pt")
+    info["time_s"] = time.perf_counter() - t0
+    marker.write_text(json.dumps(info) + "\n")
+    return info
+
+
+def _load(arm: Arm, seed: int, settings: dict[str, Any], path: Path) -> tuple[Any, Any]:
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    pretrain, transfer = _examples()
-    from common.backbones import write_untrained_run
-    from common.datasets import pretrain_data
-    from common.runs import RunDir
+    backbone, adapter = build_model(arm, seed, settings)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    backbone.load_state_dict(state["backbone"])
+    if adapter is not None:
+        adapter.load_state_dict(state["adapter"])
+    return backbone.eval(), adapter if adapter is None else adapter.eval()
+
+
+def cca_stats(emb: dict[str, Any], keep: float = SVCCA_KEEP, top_k: int = TOP_K) -> dict[str, Any]:
+    """Mean CCA, null, excess, SVCCA(keep) and the ``top_k`` largest canonical correlations of z_inv, z_eq."""
+    from star_heads.metrics import CCAMeter, canonical_correlations, svcca
+
+    x, y = emb["inv"].double(), emb["eq"].double()
+    meter = CCAMeter(x.shape[1], y.shape[1])
+    meter.update(x, y)
+    res = meter.compute()
+    rho = canonical_correlations(x, y)
+    return {"cca_mean": float(res.mean), "cca_null": float(res.null_mean), "cca_excess": float(res.excess),
+            "svcca": float(svcca(x, y, keep=keep)), "top": [float(v) for v in rho[:top_k]], "n": int(res.n)}
+
+
+def _embed(backbone: Any, adapter: Any, images: Any, aug: Any) -> dict[str, Any]:
+    import torch
+    from common.training import extract_features
+
+    h = extract_features(backbone, images, aug, torch.device("cpu"))
+    with torch.no_grad():
+        return adapter.embed(h)
+
+
+def equivariance_stats(backbone: Any, adapter: Any, images: Any, pairs_per_image: int) -> dict[str, Any]:
+    """``augmentation_r2`` of z_inv and z_eq on ``pairs_per_image`` pairs of views of each image (same draws for
+    every model: a generator seeded with ``EQUIV_SEED``)."""
+    import torch
+    from common.datasets import to_float
     from common.training import build_augment
 
-    run_dir = Path(runs_dir) / f"{arm.name}-s{seed}"
-    done = run_dir / "quality.json"
-    key = {"settings": settings, "transfer": transfer_kw, "args": list(arm.args or ())}
+    from star_heads.metrics import augmentation_r2
+
+    aug = build_augment({"image_size": 32}, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(EQUIV_SEED)
+    x = to_float(images)
+    za, zb, pa, pb, ids = [], [], [], [], []
+    for _ in range(pairs_per_image):
+        xa, p_a = aug(x, generator=gen)
+        xb, p_b = aug(x, generator=gen)
+        za.append(_embed(backbone, adapter, xa, None))
+        zb.append(_embed(backbone, adapter, xb, None))
+        pa.append(p_a)
+        pb.append(p_b)
+        ids.append(torch.arange(x.shape[0]))
+    pa_, pb_, ids_ = torch.cat(pa), torch.cat(pb), torch.cat(ids)
+    out = {}
+    for task in ("inv", "eq"):
+        res = augmentation_r2(torch.cat([z[task] for z in za]), torch.cat([z[task] for z in zb]), pa_, pb_, ids_)
+        out[task] = {"groups": res.groups, "params": res.params, "n_fit": res.n_fit, "n_score": res.n_score}
+    return out
+
+
+def _transfer(backbone: Any, seed: int, kw: dict[str, Any]) -> dict[str, float]:
+    import numpy as np
+    import torch
+    from common.datasets import transfer_tasks
+    from common.probe import linear_probe
+    from common.training import build_augment, extract_features
+
+    aug = build_augment({"image_size": 32}, torch.device("cpu"))
+    grid = [float(v) for v in np.logspace(-6, 5, kw["grid_points"])]
+    acc = {}
+    for name, task in transfer_tasks("shapes", tasks=kw["tasks"], num_train=kw["num_train"], num_test=kw["num_test"],
+                                     seed=seed).items():
+        tr = extract_features(backbone, task.train.images, aug, torch.device("cpu"))
+        te = extract_features(backbone, task.test.images, aug, torch.device("cpu"))
+        acc[name] = linear_probe(tr, task.train.labels, te, task.test.labels, grid=grid, num_classes=task.num_classes,
+                                 seed=seed, max_iter=kw["max_iter"]).accuracy
+    return acc
+
+
+def measure_run(arm: Arm, seed: int, settings: dict[str, Any], measure: dict[str, Any], run_dir: Path,
+                train_info: dict[str, Any]) -> dict[str, Any]:
+    """CCA at step 0 and at the end, trajectory, equivariance readout and transfer of a trained run (cached)."""
+    from common.datasets import pretrain_data
+
+    done, key = run_dir / "quality.json", {"train": _train_key(arm, seed, settings), "measure": measure}
     if done.exists():
         row = json.loads(done.read_text())
         if row.get("key") == key:
             return {**row, "reused": True}
     t0 = time.perf_counter()
-    cmd = ["--dataset", "shapes", "--method", "equimod", "--seed", str(seed), "--out", str(run_dir), "--overwrite",
-           "--tag", "quality", "--device", "cpu", "--no-progress", *(arm.args or ("--head", "single"))]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-    row: dict[str, Any] = {"arm": arm.name, "seed": seed, "key": key}
-    if arm.args is None:
-        cfg = {k: v for k, v in vars(pretrain.build_parser().parse_args(cmd)).items()
-               if k not in ("out", "resume", "overwrite")}
-        cfg.update(backbone="convnet", image_size=32, cifar_stem=False)
-        write_untrained_run(run_dir, cfg)
-    else:
-        if not _trained(run_dir, vars(pretrain.build_parser().parse_args(cmd))):
-            pretrain.main(cmd)
-        cfg = RunDir(run_dir).read_config()
-        metrics = RunDir(run_dir).read_metrics()
-        row["head_params"] = _head_params(cfg)
-        if not cfg["invariant_only"]:  # CCA(inv, eq) needs both embeddings
-            data = pretrain_data("shapes", num_train=cfg["num_train"], num_heldout=cfg["num_heldout"], seed=seed)
-            aug = build_augment(cfg, torch.device("cpu"))
-            row["step0"] = cca_stats(*initial_model(cfg), data.heldout.images, aug)
-            row["final"] = cca_stats(*_final_model(run_dir, cfg), data.heldout.images, aug)
-            row["trajectory"] = [{"step": 0, "cca_mean": row["step0"]["cca_mean"], "cca_null": row["step0"]["cca_null"]}]
-            row["trajectory"] += [{"step": m["step"], "cca_mean": m["cca_mean"], "cca_null": m["cca_null"]}
-                                  for m in metrics if m.get("cca_mean") is not None]
-        row["knn_acc"] = metrics[-1].get("knn_acc")
+    row: dict[str, Any] = {"arm": arm.name, "seed": seed, "key": key, "train_time_s": train_info.get("time_s", 0.0)}
+    final = run_dir / ("final.pt" if arm.head is not None else "initial.pt")
+    backbone, adapter = _load(arm, seed, settings, final)
+    if adapter is not None:
+        from star_heads.sizing import count_parameters
+
+        row["head_params"] = count_parameters(adapter.head)
+        data = pretrain_data("shapes", num_train=settings["num_train"], num_heldout=settings["num_heldout"], seed=seed)
+        held = data.heldout.images
+        eq_images = held[: measure["equiv_images"]]
+        for point, path in (("step0", run_dir / "initial.pt"), ("final", final)):
+            b, a = (backbone, adapter) if point == "final" else _load(arm, seed, settings, path)
+            row[point] = cca_stats(_embed(b, a, held, None), measure["svcca_keep"], measure["top_k"])
+            row[point]["equivariance"] = equivariance_stats(b, a, eq_images, measure["equiv_pairs_per_image"])
+        metrics = train_info["metrics"]
+        row["trajectory"] = [{"step": 0, "cca_mean": row["step0"]["cca_mean"], "cca_null": row["step0"]["cca_null"]}]
+        row["trajectory"] += [{k: m[k] for k in ("step", "cca_mean", "cca_null")} for m in metrics]
+        row["knn_acc"] = metrics[-1]["knn_acc"]
         row["steps"] = metrics[-1]["step"]
-        row["effective_experts"] = metrics[-1].get("effective_experts")
-    res = transfer.run_transfer(run_dir, **transfer_kw)
-    row["acc"] = {t: v["accuracy"] for t, v in res["tasks"].items()}
-    row["time_s"] = time.perf_counter() - t0
+        row["effective_experts"] = metrics[-1]["effective_experts"]
+    row["acc"] = _transfer(backbone, seed, measure["transfer"])
+    row["measure_time_s"] = time.perf_counter() - t0
+    row["time_s"] = row["train_time_s"] + row["measure_time_s"]
     done.write_text(json.dumps(row) + "\n")
-    print(json.dumps({k: row[k] for k in ("arm", "seed", "acc", "time_s")} | {"final": row.get("final")}), flush=True)
+    print(json.dumps({k: row[k] for k in ("arm", "seed", "acc", "time_s")}
+                     | {"final": {k: v for k, v in row.get("final", {}).items() if k != "equivariance"}}), flush=True)
     return {**row, "reused": False}
 
 
-def _ms(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+def run_one(arm: Arm, seed: int, runs_dir: str, settings: dict[str, Any], measure: dict[str, Any] | None,
+            threads: int | None = None, train: bool = True) -> dict[str, Any] | None:
+    """Trains (or reuses) one arm × seed and, unless ``measure`` is None, measures it; returns its row.
+
+    With ``train=False`` a run that is not trained yet is skipped (None).
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = _run_dir(runs_dir, arm, seed, settings)
+    marker = run_dir / "train.json"
+    if not train and not (marker.exists() and json.loads(marker.read_text()).get("key") == _train_key(arm, seed, settings)):
+        return None
+    info = train_run(arm, seed, settings, run_dir)
+    if measure is None:
+        return None
+    return measure_run(arm, seed, settings, measure, run_dir, info)
+
+
+def _ms(values: list[float | None], scale: float = 1.0, digits: int = 3) -> str:
     vals = [v * scale for v in values if v is not None]
     if not vals:
         return "–"
@@ -250,40 +430,61 @@ def paired(rows: list[dict[str, Any]], a: str, b: str, get: Any) -> dict[str, An
             "positive": sum(d > 0 for d in diffs)}
 
 
-def summarize(rows: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
-    """Per-arm table, gains over the untrained backbone, judged tasks and paired head comparisons."""
+def _r2(row: dict[str, Any], task: str, group: str | None = None, point: str = "final") -> float:
+    """Held-out R² of ``task``'s embedding for ``group`` (None: the mean over the groups)."""
+    groups = row[point]["equivariance"][task]["groups"]
+    return groups[group] if group is not None else statistics.fmean(groups.values())
+
+
+CCA_METRICS = {
+    "cca_mean": lambda r: r["final"]["cca_mean"],
+    "cca_excess": lambda r: r["final"]["cca_excess"],
+    "svcca": lambda r: r["final"]["svcca"],
+    "rho1": lambda r: r["final"]["top"][0],
+    "r2_inv": lambda r: _r2(r, "inv"),
+    "r2_eq": lambda r: _r2(r, "eq"),
+}
+
+
+def summarize(rows: list[dict[str, Any]], arms: list[Arm], comparisons: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """Per-arm table, equivariance table, gains over the untrained backbone, judged tasks and paired comparisons."""
     names = [a.name for a in arms if any(r["arm"] == a.name for r in rows)]
     trained = [n for n in names if n != "random"]
     tasks = [t for t in TASKS if all(t in r["acc"] for r in rows)]
-    per_arm = []
+    per_arm, equiv = [], []
     for a in arms:
         rs = [r for r in rows if r["arm"] == a.name]
         if not rs:
             continue
         joint = [r for r in rs if r.get("final")]
-        per_arm.append({
-            "arm": a.name, "label": a.label, "seeds": len(rs), "head_params": rs[0].get("head_params"),
-            **{f"{w}_{k}": _ms([r[w][k] for r in joint]) for w in ("step0", "final")
-               for k in ("cca_mean", "cca_null", "cca_excess", "svcca")},
-            **{t: _ms([r["acc"][t] for r in rs], 100, 1) for t in tasks},
-            "knn": _ms([r.get("knn_acc") for r in rs], 100, 1),
-        })
+        entry = {"arm": a.name, "label": a.label, "seeds": len(rs), "head_params": rs[0].get("head_params"),
+                 **{t: _ms([r["acc"][t] for r in rs], 100, 1) for t in tasks},
+                 "knn": _ms([r.get("knn_acc") for r in rs], 100, 1), "seed_list": ", ".join(str(r["seed"]) for r in rs)}
+        for w in ("step0", "final"):
+            entry |= {f"{w}_{k}": _ms([r[w][k] for r in joint]) for k in ("cca_mean", "cca_null", "cca_excess", "svcca")}
+            entry[f"{w}_top"] = " / ".join(_ms([r[w]["top"][i] for r in joint], digits=2).split(" ± ")[0]
+                                           for i in range(TOP_K)) if joint else "–"
+        per_arm.append(entry)
+        if joint:
+            groups = list(joint[0]["final"]["equivariance"]["inv"]["groups"])
+            equiv.append({"arm": a.name, "label": a.label, **{
+                f"{w}_{t}_{g}": _ms([_r2(r, t, g, w) for r in joint], digits=2)
+                for w in ("step0", "final") for t in ("inv", "eq") for g in groups}})
     gains, judged = [], []
     for t in tasks:
-        per = {n: paired(rows, n, "random", lambda r, t=t: r["acc"][t]) for n in trained}
+        per = {n: paired(rows, n, "random", lambda r, t=t: r["acc"][t]) for n in trained} if "random" in names else {}
         ok = bool(per) and all(g["sd"] is not None and g["mean"] > 2 * g["sd"] for g in per.values())
         if ok:
             judged.append(t)
-        gains.append({"task": t, "judged": ok, **{n: g for n, g in per.items()}})
-    comparisons = []
-    for a, b in COMPARISONS:
+        gains.append({"task": t, "judged": ok, **per})
+    cmps = []
+    for a, b in comparisons:
         if a not in names or b not in names:
             continue
-        joint = all(r.get("final") for r in rows if r["arm"] in (a, b))
-        metrics = {"cca_excess": lambda r: r["final"]["cca_excess"], "svcca": lambda r: r["final"]["svcca"]} if joint else {}
-        metrics |= {t: (lambda r, t=t: r["acc"][t]) for t in judged}
-        comparisons.append({"a": a, "b": b, **{m: paired(rows, a, b, f) for m, f in metrics.items()}})
-    return {"per_arm": per_arm, "gains": gains, "judged_tasks": judged, "comparisons": comparisons, "tasks": tasks}
+        metrics = {**CCA_METRICS, **{t: (lambda r, t=t: r["acc"][t]) for t in tasks}}
+        cmps.append({"a": a, "b": b, **{m: paired(rows, a, b, f) for m, f in metrics.items()}})
+    return {"per_arm": per_arm, "equivariance": equiv, "gains": gains, "judged_tasks": judged, "comparisons": cmps,
+            "tasks": tasks}
 
 
 def _pm(p: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
@@ -294,44 +495,55 @@ def _pm(p: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
 
 
 def render(summary: dict[str, Any], payload: dict[str, Any]) -> str:
-    """The markdown of the ``quality`` section."""
-    s, t = payload["settings"], payload["transfer"]
-    steps = s["epochs"] * (s.get("steps_per_epoch") or s["num_train"] // s["batch_size"])
+    """The markdown of one grid's section."""
+    s, m = payload["settings"], payload["measure"]
+    steps = s["epochs"] * (s["steps_per_epoch"] or s["num_train"] // s["batch_size"])
     head = (
         f"{machine_line(payload['machine'])} {payload['jobs']} run(s) at a time, one torch thread each when more "
-        f"than one; {payload['num_runs']} runs took {payload['run_time_s'] / 60:.0f} min of wall time in all (sum over "
-        f"runs, training + CCA + probes); this invocation {payload['wall_time_s'] / 60:.1f} min "
-        f"({payload['reused_runs']} run(s) reused from an earlier invocation). "
-        f"`shapes` (plain background), ConvNet width {s['width']} (d = {8 * s['width']}), EquiMod-style objective, "
-        f"{s['epochs']} epochs × {steps // s['epochs']} steps of batch {s['batch_size']} = **{steps} SGD steps** on "
-        f"{s['num_train']} images, SGD 0.03 cosine; seeds {payload['seeds']}. CCA on {s['num_heldout']} held-out "
-        f"images; probe: {t['num_train']} train (20 % val) / {t['num_test']} test images, "
-        f"{t['grid_points']}-point L2 grid. Mean ± sd over seeds."
+        f"than one; {payload['num_runs']} runs took {payload['run_time_s'] / 60:.0f} min in all (sum over runs of "
+        f"training + measurement, as first run); this invocation {payload['wall_time_s'] / 60:.1f} min of wall time "
+        f"({payload['reused_runs']} run(s) reused). `shapes` (plain background), ConvNet width {s['width']} "
+        f"(d = {8 * s['width']}) → **{s['output_dim']}-D embeddings**, EquiMod-style objective, {s['epochs']} epochs × "
+        f"{steps // s['epochs']} steps of batch {s['batch_size']} = **{steps} SGD steps** on {s['num_train']} images, "
+        f"SGD {s['lr']} cosine; seeds {payload['seeds']}. CCA on {s['num_heldout']} held-out images; equivariance "
+        f"readout on {m['equiv_pairs_per_image']} pairs of views of each of {m['equiv_images']} held-out images "
+        f"(fit on half of the images, scored on the other half); probe: {m['transfer']['num_train']} train "
+        f"(20 % val) / {m['transfer']['num_test']} test images, {m['transfer']['grid_points']}-point L2 grid. "
+        f"Mean ± sd over seeds."
     )
-    cols = {"label": "head", "head_params": "head params", "step0_cca_mean": "CCA step 0",
+    tasks = summary["tasks"]
+    cols = {"label": "head", "seed_list": "seeds", "head_params": "head params", "step0_cca_mean": "CCA step 0",
             "final_cca_mean": "CCA ↓", "final_cca_null": "null", "final_cca_excess": "excess ↓",
-            "final_svcca": "SVCCA 0.99 ↓", **{k: f"{k} %" for k in summary["tasks"]}, "knn": "kNN %"}
-    gain_rows = []
-    for g in summary["gains"]:
-        gain_rows.append({"task": g["task"] + (" (judged)" if g["judged"] else " (not judged)"),
-                          **{n: _pm(g[n], 100, 1) for n in g if isinstance(g[n], dict)}})
+            "final_svcca": "SVCCA ↓", "step0_top": f"top-{TOP_K} ρ step 0", "final_top": f"top-{TOP_K} ρ",
+            **{k: f"{k} %" for k in tasks}, "knn": "kNN %"}
+    groups = [k.split("_", 3)[-1] for k in (summary["equivariance"][0] if summary["equivariance"] else {})
+              if k.startswith("final_inv_")]
+    eq_cols = {"label": "head", **{f"final_inv_{g}": f"inv {g}" for g in groups},
+               **{f"final_eq_{g}": f"eq {g}" for g in groups}}
+    eq0_cols = {"label": "head", **{f"step0_inv_{g}": f"inv {g}" for g in groups},
+                **{f"step0_eq_{g}": f"eq {g}" for g in groups}}
     trained = [a["arm"] for a in summary["per_arm"] if a["arm"] != "random"]
-    cmp_rows = []
-    for c in summary["comparisons"]:
-        cca = {k: _pm(c[k]) if k in c else "–" for k in ("cca_excess", "svcca")}
-        cmp_rows.append({"pair": f"{c['a']} − {c['b']}", **cca, **{t: _pm(c[t], 100, 1) for t in summary["judged_tasks"]}})
+    gain_rows = [{"task": g["task"] + (" (judged)" if g["judged"] else " (not judged)"),
+                  **{n: _pm(g[n], 100, 1) for n in trained if n in g}} for g in summary["gains"]]
+    cmp_rows = [{"pair": f"{c['a']} − {c['b']}", **{k: _pm(c[k]) for k in CCA_METRICS},
+                 **{t: _pm(c[t], 100, 1) for t in tasks}} for c in summary["comparisons"]]
     judged = ", ".join(summary["judged_tasks"]) or "none"
-    return "\n\n".join([
-        head,
-        table(summary["per_arm"], cols),
-        "Gain of each pretrained arm over the untrained backbone of the same seed (accuracy points, mean ± sd; "
-        "in brackets the seeds where it is positive). A task is judged when every arm's gain exceeds two sd.",
-        table(gain_rows, {"task": "task", **{n: n for n in trained}}),
-        f"Paired differences (first − second, same seed; judged tasks: {judged}). CCA columns: lower = less "
-        "redundant, so a negative value favours the first arm.",
-        table(cmp_rows, {"pair": "pair", "cca_excess": "Δ excess", "svcca": "Δ SVCCA",
-                         **{t: f"Δ {t} (points)" for t in summary["judged_tasks"]}}),
-    ])
+    eq_text = ("Equivariance readout at the end (`augmentation_r2`: held-out R² of a ridge readout of the relative "
+               "augmentation parameters from z_b − z_a, per group; 1 = encoded linearly, 0 = not at all):")
+    parts = [head, table(summary["per_arm"], cols), eq_text, table(summary["equivariance"], eq_cols),
+             "The same at step 0:", table(summary["equivariance"], eq0_cols)]
+    if "random" in [a["arm"] for a in summary["per_arm"]]:
+        gain_text = ("Gain of each pretrained arm over the untrained backbone of the same seed (accuracy points, "
+                     "mean ± sd; in brackets the seeds where it is positive). A task is judged when every arm's gain "
+                     "exceeds two sd.")
+        parts += [gain_text, table(gain_rows, {"task": "task", **{n: n for n in trained}})]
+    cmp_text = (f"Paired differences (first − second, same seed; judged tasks: {judged}). CCA columns: lower = less "
+                "redundant, so a negative value favours the first arm; R² columns: mean over the groups.")
+    parts += [cmp_text,
+              table(cmp_rows, {"pair": "pair", "cca_mean": "Δ CCA", "cca_excess": "Δ excess", "svcca": "Δ SVCCA",
+                               "rho1": "Δ ρ₁", "r2_inv": "Δ R² inv", "r2_eq": "Δ R² eq",
+                               **{t: f"Δ {t} (points)" for t in tasks}})]
+    return "\n\n".join(parts)
 
 
 def plot(rows: list[dict[str, Any]], arms: list[Arm], path: Path) -> Path | None:
@@ -352,7 +564,7 @@ def plot(rows: list[dict[str, Any]], arms: list[Arm], path: Path) -> Path | None
         vals = [[p["cca_mean"] - p["cca_null"] for p in r["trajectory"]] for r in rs]
         mean = [statistics.fmean(v) for v in zip(*vals)]
         sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*vals)]
-        ax.plot(steps, mean, marker=".", label=a.label)
+        ax.plot(steps, mean, marker=".", markersize=3, label=f"{a.label} ({len(rs)} seeds)")
         ax.fill_between(steps, [m - e for m, e in zip(mean, sd)], [m + e for m, e in zip(mean, sd)], alpha=0.15)
     ax.set_xlabel("SGD step")
     ax.set_ylabel("mean CCA(inv, eq) − null")
@@ -363,58 +575,72 @@ def plot(rows: list[dict[str, Any]], arms: list[Arm], path: Path) -> Path | None
     plt.close(fig)
     return path
 
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="untrained, sep-pm8, STAR-8 × 1 seed × 2 steps (smoke test)")
+    p.add_argument("--grid", choices=sorted(GRIDS), default="narrow", help="which experiment (see the module doc)")
+    p.add_argument("--quick", action="store_true", help="a smoke test: 4 arms × 1 seed × 4 steps, width 4")
     p.add_argument("--out-dir", type=Path, default=None, help="where JSON / markdown / plot go (default docs/; "
                    "--quick: a new temporary folder)")
     p.add_argument("--runs-dir", type=Path, default=None,
                    help="run directories (default runs/quality; --quick: inside the output folder)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each when > 1")
+    p.add_argument("--seeds", type=int, default=3, help="seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--arms", nargs="+", default=None, help="only these arms of the grid")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
+    p.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, measure and write nothing")
+    p.add_argument("--no-train", action="store_true",
+                   help="measure and report only the runs already trained (the others are left out of the tables)")
     return p
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _execute(jobs: list[tuple[Arm, int]], runs_dir: Path, settings: dict, measure: dict | None, n_jobs: int,
+             train: bool = True) -> list:
+    if n_jobs <= 1:  # one torch thread per run in every case (the protocol's budget)
+        return [run_one(a, s, str(runs_dir), settings, measure, 1, train) for a, s in jobs]
+    import multiprocessing as mp
+
+    rows, errors = [], []
+    with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as ex:
+        futures = [ex.submit(run_one, a, s, str(runs_dir), settings, measure, 1, train) for a, s in jobs]
+        for (a, s), fut in zip(jobs, futures):  # one failing run must not cancel the others
+            try:
+                rows.append(fut.result())
+            except Exception as exc:  # noqa: BLE001 - reported below, after every run has finished
+                errors.append(f"{a.name}-s{s}: {type(exc).__name__}: {exc}")
+    if errors:
+        raise RuntimeError(f"{len(errors)} run(s) failed (finished runs are saved and reused): {'; '.join(errors)}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = _parser().parse_args(argv)
+    grid = QUICK_GRID if args.quick else GRIDS[args.grid]
+    measure = QUICK_MEASURE if args.quick else MEASURE
+    arms = [a for a in grid.arms if args.arms is None or a.name in args.arms]
     out = output_dir(args.out_dir, args.quick)
-    settings, tkw = (QUICK, QUICK_TRANSFER) if args.quick else (SETTINGS, TRANSFER)
-    arms = arms_for(settings["width"])
-    if args.quick:
-        arms = [a for a in arms if a.name in QUICK_ARMS]
-    seeds = list(range(1 if args.quick else args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds)))
     runs_dir = args.runs_dir or (out / "runs" if args.quick else ROOT / "runs" / "quality")
     machine = machine_info()
-    jobs = [(a, s) for s in seeds for a in arms]
-    threads = 1 if args.jobs > 1 else None
+    # longest runs first, so that two workers finish together
+    jobs = sorted(((a, s) for s in seeds for a in arms), key=lambda j: j[0].head is None)
     t0 = time.perf_counter()
-    if args.jobs > 1:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
-            futures = [ex.submit(run_one, a, s, str(runs_dir), settings, tkw, threads) for a, s in jobs]
-            rows, errors = [], []
-            for (a, s), fut in zip(jobs, futures):  # one failing run must not cancel the others
-                try:
-                    rows.append(fut.result())
-                except Exception as exc:  # noqa: BLE001 - reported below, after every run has finished
-                    errors.append(f"{a.name}-s{s}: {type(exc).__name__}: {exc}")
-        if errors:
-            raise RuntimeError(f"{len(errors)} run(s) failed (finished runs are saved and reused): {'; '.join(errors)}")
-    else:
-        rows = [run_one(a, s, str(runs_dir), settings, tkw) for a, s in jobs]
+    rows = _execute(jobs, runs_dir, grid.settings, None if args.train_only else measure, args.jobs, not args.no_train)
     wall = time.perf_counter() - t0
-    summary = summarize(rows, arms)
-    payload = {"benchmark": "quality", "quick": args.quick, "machine": machine, "settings": settings,
-               "transfer": tkw, "seeds": seeds, "jobs": args.jobs, "wall_time_s": wall,
-               "reused_runs": sum(r["reused"] for r in rows), "num_runs": len(rows),
-               "run_time_s": sum(r["time_s"] for r in rows), "arms": [vars(a) for a in arms],
-               "svcca_keep": SVCCA_KEEP, "runs": rows, "summary": summary}
-    write_json(out / "benchmarks" / "quality.json", payload)
-    plot(rows, arms, out / "images" / "quality_cca.png")
+    if args.train_only:
+        print(f"trained {len(jobs)} run(s) in {wall / 60:.1f} min", flush=True)
+        return None
+    rows = sorted((r for r in rows if r is not None), key=lambda r: (r["seed"], [a.name for a in arms].index(r["arm"])))
+    seeds = sorted({r["seed"] for r in rows})
+    summary = summarize(rows, arms, grid.comparisons)
+    payload = {"benchmark": "quality", "grid": grid.name, "title": grid.title, "quick": args.quick,
+               "machine": machine, "settings": grid.settings, "measure": measure, "seeds": seeds, "jobs": args.jobs,
+               "wall_time_s": wall, "reused_runs": sum(r["reused"] for r in rows), "num_runs": len(rows),
+               "run_time_s": sum(r["time_s"] for r in rows), "arms": [asdict(a) for a in arms], "runs": rows,
+               "summary": summary}
+    write_json(out / "benchmarks" / f"quality_{grid.name}.json", payload)
+    plot(rows, arms, out / "images" / f"quality_{grid.name}_cca.png")
     body = render(summary, payload)
-    write_section(out / "results.md", "quality", body, title="Results")
+    write_section(out / "results.md", f"quality-{grid.name}", body, title="Results")
     print(body)
     return payload
 

@@ -40,10 +40,10 @@ _LAZY: dict[str, tuple[str, ...]] = {
     ),
     "star_heads.metrics": (
         "CCAMeter", "CCAMonitor", "CCAResult", "canonical_correlations", "mean_canonical_correlation",
-        "CollapseStats", "collapse_stats", "effective_rank", "embedding_std",
+        "CollapseStats", "collapse_stats", "effective_rank", "embedding_std", "AugmentationR2", "augmentation_r2",
     ),
     "star_heads.optim": ("param_groups",),
-    "star_heads.routing": ("RoutingStats", "SoftRouter", "routing_stats"),
+    "star_heads.routing": ("ROUTER_INITS", "RoutingStats", "SoftRouter", "routing_stats"),
     "star_heads.sizing": ("count_parameters", "linear_macs"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
@@ -107,10 +107,12 @@ if TYPE_CHECKING:
         vicreg,
     )
     from star_heads.metrics import (
+        AugmentationR2,
         CCAMeter,
         CCAMonitor,
         CCAResult,
         CollapseStats,
+        augmentation_r2,
         canonical_correlations,
         collapse_stats,
         effective_rank,
@@ -118,7 +120,7 @@ if TYPE_CHECKING:
         mean_canonical_correlation,
     )
     from star_heads.optim import param_groups
-    from star_heads.routing import RoutingStats, SoftRouter, routing_stats
+    from star_heads.routing import ROUTER_INITS, RoutingStats, SoftRouter, routing_stats
     from star_heads.sizing import count_parameters, linear_macs
 
 __all__ = [
@@ -128,6 +130,7 @@ __all__ = [
     # heads and their parts
     "ExpertBank",
     "SoftRouter",
+    "ROUTER_INITS",
     "MMoEHead",
     "STARHead",
     "STARSimCLRProjectionHead",
@@ -162,12 +165,15 @@ __all__ = [
     "CCAMeter",
     "CCAResult",
     "CCAMonitor",
+    # equivariance readout
+    "augmentation_r2",
+    "AugmentationR2",
     # collapse readouts
     "CollapseStats",
     "collapse_stats",
     "effective_rank",
     "embedding_std",
-    # augmentation (kornia is imported only when STARAugment is built)
+    # augmentation
     "STARAugment",
     "AugmentConfig",
     "MultiCropViews",

@@ -51,7 +51,8 @@ __all__ = [
     "ROUTER_OPTIONS",
 ]
 
-ROUTER_OPTIONS: tuple[str, ...] = ("temperature", "learn_temperature", "conditional", "top_k")
+ROUTER_OPTIONS: tuple[str, ...] = ("temperature", "learn_temperature", "conditional", "top_k", "router_init",
+                                   "router_init_scale")
 """The keyword options of a routed head that configure its :class:`~star_heads.SoftRouter`."""
 
 
@@ -261,6 +262,8 @@ class MMoEHead(TaskHead):
         learn_temperature: Learn the router temperature.
         conditional: Input-dependent gates (``False``: one learned logit vector per task).
         top_k: Keep the k largest gates per task (experimental, see :class:`SoftRouter`).
+        router_init: How the routers start: ``"default"``, ``"task-distinct"`` or ``"noisy"`` (``init`` of :class:`SoftRouter`).
+        router_init_scale: Its bias scale (``init_scale`` of :class:`SoftRouter`).
         check_finite: See :class:`TaskHead` (one host sync per call).
         device: Factory kwarg.
         dtype: Factory kwarg.
@@ -284,6 +287,8 @@ class MMoEHead(TaskHead):
         learn_temperature: bool = False,
         conditional: bool = True,
         top_k: int | None = None,
+        router_init: str = "default",
+        router_init_scale: float | None = None,
         check_finite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -296,7 +301,7 @@ class MMoEHead(TaskHead):
         )
         self.router = SoftRouter(
             input_dim, num_experts, len(self.tasks), temperature=temperature, learn_temperature=learn_temperature,
-            conditional=conditional, top_k=top_k, **factory,
+            conditional=conditional, top_k=top_k, init=router_init, init_scale=router_init_scale, **factory,
         )
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import nn
 
 from star_heads._checks import (
     check_bool,
+    check_choice,
     check_float_tensor,
     check_int,
     check_names,
@@ -28,7 +30,12 @@ from star_heads._checks import (
 )
 from star_heads._precision import autocast_dtype
 
-__all__ = ["SoftRouter", "RoutingStats", "routing_stats"]
+__all__ = ["ROUTER_INITS", "RouterInit", "RoutingStats", "SoftRouter", "routing_stats"]
+
+RouterInit = Literal["default", "task-distinct", "noisy"]
+ROUTER_INITS: tuple[str, ...] = ("default", "task-distinct", "noisy")
+"""The router initialisations of :class:`SoftRouter` (``init=``)."""
+_DEFAULT_INIT_SCALE = {"task-distinct": 3.0, "noisy": 2.0}
 
 
 class SoftRouter(nn.Module):
@@ -60,6 +67,8 @@ class SoftRouter(nn.Module):
         learn_temperature: bool = False,
         conditional: bool = True,
         top_k: int | None = None,
+        init: RouterInit = "default",
+        init_scale: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -75,11 +84,15 @@ class SoftRouter(nn.Module):
             if top_k > num_experts:
                 raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.top_k = top_k
+        self.init = check_choice(init, "init", RouterInit)
+        self.init_scale = _init_scale(init, init_scale, self.num_tasks, self.num_experts)
         factory = {"device": device, "dtype": dtype}
         if conditional:
             self.linear = nn.Linear(input_dim, num_tasks * num_experts, **factory)
         else:
             self.logits = nn.Parameter(torch.zeros(num_tasks * num_experts, **factory))
+        if self.init_scale is not None:  # every init but "default" has a scale
+            _init_bias_(self.linear.bias if conditional else self.logits, init, self.init_scale, num_tasks, num_experts)
         log_t = torch.tensor(math.log(temperature), **factory)
         if learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
@@ -125,6 +138,32 @@ class SoftRouter(nn.Module):
             f"input_dim={self.input_dim}, num_experts={self.num_experts}, num_tasks={self.num_tasks}, "
             f"conditional={self.conditional}, top_k={self.top_k}"
         )
+
+
+def _init_scale(init: str, scale: object, num_tasks: int, num_experts: int) -> float | None:
+    """Checks ``init_scale`` against ``init`` (and the task / expert counts it needs); returns the scale used."""
+    if init == "default":
+        if scale is not None:
+            raise ValueError(f"init_scale applies to init 'task-distinct' or 'noisy', not 'default'; got init_scale={scale!r}")
+        return None
+    if init == "task-distinct" and not 2 <= num_tasks <= num_experts:
+        raise ValueError(
+            "init 'task-distinct' splits the experts between the tasks, so it needs num_tasks >= 2 and "
+            f"num_experts >= num_tasks; got num_tasks={num_tasks!r}, num_experts={num_experts!r}"
+        )
+    return _DEFAULT_INIT_SCALE[init] if scale is None else check_positive_float(scale, "init_scale")
+
+
+@torch.no_grad()
+def _init_bias_(bias: torch.Tensor, init: str, scale: float, num_tasks: int, num_experts: int) -> None:
+    """Writes the ``[T·N]`` router bias of ``init`` in place (see :class:`SoftRouter`'s ``init``)."""
+    if init == "noisy":
+        bias.normal_(0.0, scale)
+        return
+    owner = torch.arange(num_experts, device=bias.device) * num_tasks // num_experts  # [n]: task owning expert k
+    own = owner == torch.arange(num_tasks, device=bias.device)[:, None]  # [t, n]
+    signs = own.to(bias.dtype) * 2 - 1
+    bias.copy_(rearrange(signs * scale, "t n -> (t n)"))
 
 
 def _keep_top_k(gates: torch.Tensor, k: int) -> torch.Tensor:

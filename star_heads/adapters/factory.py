@@ -60,7 +60,8 @@ def build_head(
         match_params: Size a baseline kind to the STAR head of the same arguments.
         **options: Flat layer options valid for every kind (``norm_layer``, ``act_layer``,
             ``last_norm_layer``, ``last_bias``, ``hidden_bias``, ``check_finite``, ``device``, ``dtype``) and router
-            options (``temperature``, ``learn_temperature``, ``conditional``, ``top_k``) valid for ``"star"`` or
+            options (``temperature``, ``learn_temperature``, ``conditional``, ``top_k``, ``router_init``,
+            ``router_init_scale``) valid for ``"star"`` or
             with ``match_params``.
 
     Raises:

@@ -1,5 +1,7 @@
-"""benchmarks/quality.py: the --quick protocol end to end (temporary folder only), its statistics by hand."""
+"""benchmarks/quality.py: the --quick protocol end to end (temporary folder only), the grids' design, its
+statistics by hand."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -41,66 +43,92 @@ def quick(tmp_path_factory):
     return payload, out
 
 
+def test_uses_only_the_examples_building_blocks():
+    """The benchmark imports ``common.*`` building blocks, never an example script."""
+    tree = ast.parse((ROOT / "benchmarks" / "quality.py").read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not modules & {"pretrain", "transfer", "demo"}
+    assert {m for m in modules if m.startswith("common")} <= {
+        "common.backbones", "common.datasets", "common.probe", "common.training"}
+
+
+@pytest.mark.slow
 def test_quick_writes_only_to_a_temporary_folder(quick):
     payload, out = quick
-    data = json.loads((out / "benchmarks" / "quality.json").read_text())
-    assert data["quick"] and [r["arm"] for r in data["runs"]] == list(quality.QUICK_ARMS)
+    data = json.loads((out / "benchmarks" / "quality_quick.json").read_text())
+    assert data["quick"] and [r["arm"] for r in data["runs"]] == [a.name for a in quality.QUICK_GRID.arms]
     text = (out / "results.md").read_text()
-    assert text.count("<!-- BEGIN quality -->") == 1 and "| STAR N=8 |" in text and "2 SGD steps" in text
-    assert (out / "images" / "quality_cca.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "runs" / "star-8-s0" / "checkpoint.pt").exists()
+    assert text.count("<!-- BEGIN quality-quick -->") == 1 and "| STAR N=8 |" in text and "4 SGD steps" in text
+    assert "| star-8-noisy − star-8 |" in text and "eq crop" in text
+    assert (out / "images" / "quality_quick_cca.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = next((out / "runs").glob("star-8-w4-*-s0"))
+    assert (run / "final.pt").exists() and (run / "initial.pt").exists() and (run / "quality.json").exists()
 
 
-def test_cca_rows_are_consistent(quick):
+@pytest.mark.slow
+def test_cca_and_equivariance_rows_are_consistent(quick):
     payload, out = quick
-    rand, sep, star = payload["runs"]
-    assert rand.get("final") is None and 0.0 <= rand["acc"]["shape"] <= 1.0
-    for r in (sep, star):
+    rows = {r["arm"]: r for r in payload["runs"]}
+    assert rows["random"].get("final") is None and 0.0 <= rows["random"]["acc"]["shape"] <= 1.0
+    for name in ("sep-pm8", "star-8", "star-8-noisy"):
+        r = rows[name]
         for point in ("step0", "final"):
             c = r[point]
             assert c["n"] == quality.QUICK["num_heldout"] and 0.0 <= c["cca_null"] <= c["cca_mean"] <= 1.0
             assert c["cca_excess"] == pytest.approx(c["cca_mean"] - c["cca_null"]) and 0.0 <= c["svcca"] <= 1.0
+            assert c["top"] == sorted(c["top"], reverse=True) and len(c["top"]) == quality.TOP_K
+            assert c["top"][0] <= 1.0 + 1e-9 and c["top"][-1] >= c["cca_mean"] - 1e-9  # top-k ≥ the mean
+            for task in ("inv", "eq"):
+                eq = c["equivariance"][task]
+                assert set(eq["groups"]) == set(quality.GROUPS) and all(v <= 1.0 for v in eq["groups"].values())
+                assert eq["n_fit"] + eq["n_score"] == 2 * quality.QUICK_MEASURE["equiv_images"]
         traj = r["trajectory"]
-        assert [p["step"] for p in traj] == [0, 2] and traj[0]["cca_mean"] == r["step0"]["cca_mean"]
+        assert [p["step"] for p in traj] == [0, 2, 4] and traj[0]["cca_mean"] == r["step0"]["cca_mean"]
         # The run's own last-epoch metric is the same statistic of the same model on the same images.
         assert traj[-1]["cca_mean"] == pytest.approx(r["final"]["cca_mean"], abs=1e-6)
-    # Parameter matching: the separate heads are within 5 % of STAR-8's parameters.
-    assert abs(sep["head_params"] / star["head_params"] - 1) <= 0.05
-    # STAR's two routers start uniform and identical, so z_inv ≈ z_eq at step 0.
-    assert star["step0"]["cca_mean"] > 0.9
+    assert abs(rows["sep-pm8"]["head_params"] / rows["star-8"]["head_params"] - 1) <= 0.05
+    # Both routers start near-uniform and identical by default, so z_inv ≈ z_eq; a noisy start separates them.
+    assert rows["star-8-noisy"]["step0"]["cca_mean"] < rows["star-8"]["step0"]["cca_mean"]
 
 
-def test_step0_model_is_pretrains_initial_model(tmp_path):
-    """initial_model(cfg) equals what pretrain.py starts from: one step at lr 1e-30 leaves the weights unchanged."""
-    import pretrain
+def test_router_starts_change_only_the_router_bias():
+    """Same seed: backbone, experts, router weights and predictor are identical across router starts."""
+    settings = {**quality.QUICK, "width": 2}
+    ref_backbone, ref = quality.build_model(quality.STAR8, 3, settings)
+    sep_backbone, sep = quality.build_model(quality.SEP8, 3, settings)
+    for arm in (quality.STAR8_NOISY, quality.STAR8_DISTINCT):
+        backbone, adapter = quality.build_model(arm, 3, settings)
+        for (n, p), (_, q) in zip(backbone.state_dict().items(), ref_backbone.state_dict().items()):
+            assert torch.equal(p, q), n
+        differ = [n for (n, p), (_, q) in zip(adapter.state_dict().items(), ref.state_dict().items())
+                  if not torch.equal(p, q)]
+        assert differ == ["head.router.linear.bias"]
+        assert adapter.head.router.init == arm.router_init
+    for (n, p), (_, q) in zip(sep_backbone.state_dict().items(), ref_backbone.state_dict().items()):
+        assert torch.equal(p, q), n
+    for (n, p), (_, q) in zip(sep.predictor.state_dict().items(), ref.predictor.state_dict().items()):
+        assert torch.equal(p, q), n
 
-    run = tmp_path / "run"
-    pretrain.main(["--out", str(run), "--head", "separate", "--match-params", "--num-experts", "2", "--epochs", "1",
-                   "--steps-per-epoch", "1", "--batch-size", "16", "--num-train", "32", "--num-heldout", "160",
-                   "--width", "4", "--lr", "1e-30", "--weight-decay", "0", "--seed", "5", "--no-progress"])
-    cfg = json.loads((run / "config.json").read_text())
-    backbone, adapter = quality.initial_model(cfg)
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    for mine, saved in ((backbone.named_parameters(), ckpt["backbone"]), (adapter.named_parameters(), ckpt["adapter"])):
-        for name, p in mine:
-            torch.testing.assert_close(p.detach(), saved[name], rtol=0, atol=1e-20)
 
-
+@pytest.mark.slow
 def test_quick_run_is_reused(quick, tmp_path):
     payload, out = quick
     again = quality.main(["--quick", "--out-dir", str(tmp_path), "--runs-dir", str(out / "runs")])
-    assert again["reused_runs"] == len(quality.QUICK_ARMS)
+    assert again["reused_runs"] == len(quality.QUICK_GRID.arms)
     assert [r.get("final") for r in again["runs"]] == [r.get("final") for r in payload["runs"]]
 
 
 def _rows(acc: dict, excess: dict) -> list:
     rows = []
     for (arm, seed), a in acc.items():
-        row = {"arm": arm, "seed": seed, "acc": {"shape": a[0], "color": a[1], "rotation": a[2], "digits": a[3]},
-               "knn_acc": None}
-        if arm not in ("random", "single"):
-            row["step0"] = {"cca_mean": 0.9, "cca_null": 0.3, "cca_excess": 0.6, "svcca": 0.9}
-            row["final"] = {"cca_mean": 0.5, "cca_null": 0.3, "cca_excess": excess[(arm, seed)], "svcca": 0.4}
+        row = {"arm": arm, "seed": seed, "acc": {"shape": a[0], "color": a[1]}, "knn_acc": None}
+        if arm != "random":
+            eq = {t: {"groups": {g: 0.1 * (seed + 1) * (t == "eq") for g in quality.GROUPS}} for t in ("inv", "eq")}
+            row["step0"] = {"cca_mean": 0.9, "cca_null": 0.3, "cca_excess": 0.6, "svcca": 0.9, "top": [1, 1, 1],
+                            "equivariance": eq}
+            row["final"] = {"cca_mean": 0.3 + excess[(arm, seed)], "cca_null": 0.3, "cca_excess": excess[(arm, seed)],
+                            "svcca": 0.4, "top": [0.99, 0.9, 0.8], "equivariance": eq}
         rows.append(row)
     return rows
 
@@ -111,42 +139,48 @@ def _machine() -> dict:
 
 
 def test_paired_statistics_and_judged_tasks_by_hand():
-    arms = [a for a in quality.ARMS if a.name in ("random", "single", "sep-pm8", "star-8")]
+    arms = [quality.RANDOM, quality.SEP8, quality.STAR8]
     acc = {  # shape: large, consistent gains → judged; colour: gains within noise → not judged
-        ("random", 0): (0.50, 0.90, 0.3, 0.9), ("random", 1): (0.52, 0.91, 0.3, 0.9), ("random", 2): (0.48, 0.92, 0.3, 0.9),
-        ("sep-pm8", 0): (0.70, 0.95, 0.3, 0.9), ("sep-pm8", 1): (0.71, 0.88, 0.3, 0.9), ("sep-pm8", 2): (0.69, 0.93, 0.3, 0.9),
-        ("star-8", 0): (0.74, 0.91, 0.3, 0.9), ("star-8", 1): (0.72, 0.96, 0.3, 0.9), ("star-8", 2): (0.70, 0.90, 0.3, 0.9),
-        ("single", 0): (0.60, 0.80, 0.3, 0.9), ("single", 1): (0.62, 0.80, 0.3, 0.9), ("single", 2): (0.61, 0.80, 0.3, 0.9),
+        ("random", 0): (0.50, 0.90), ("random", 1): (0.52, 0.91), ("random", 2): (0.48, 0.92),
+        ("sep-pm8", 0): (0.70, 0.95), ("sep-pm8", 1): (0.71, 0.88), ("sep-pm8", 2): (0.69, 0.93),
+        ("star-8", 0): (0.74, 0.91), ("star-8", 1): (0.72, 0.96), ("star-8", 2): (0.70, 0.90),
     }
     excess = {("sep-pm8", s): v for s, v in enumerate((0.30, 0.32, 0.31))} | {("star-8", s): v for s, v in enumerate((0.25, 0.30, 0.20))}
-    s = quality.summarize(_rows(acc, excess), arms)
+    s = quality.summarize(_rows(acc, excess), arms, (("star-8", "sep-pm8"),))
     assert s["judged_tasks"] == ["shape"]
-    cmp, vs_single = s["comparisons"]
-    assert (cmp["a"], cmp["b"], vs_single["a"], vs_single["b"]) == ("star-8", "sep-pm8", "star-8", "single")
-    assert "cca_excess" not in vs_single and vs_single["shape"]["mean"] == pytest.approx((0.14 + 0.10 + 0.09) / 3)
+    (cmp,) = s["comparisons"]
     d = np.array([0.74 - 0.70, 0.72 - 0.71, 0.70 - 0.69])
     assert cmp["shape"]["diffs"] == pytest.approx(d.tolist())
     assert cmp["shape"]["mean"] == pytest.approx(d.mean()) and cmp["shape"]["sd"] == pytest.approx(d.std(ddof=1))
-    assert cmp["shape"]["positive"] == 3 and "color" not in cmp
+    assert cmp["shape"]["positive"] == 3
     e = np.array([0.25 - 0.30, 0.30 - 0.32, 0.20 - 0.31])
     assert cmp["cca_excess"]["mean"] == pytest.approx(e.mean()) and cmp["cca_excess"]["positive"] == 0
+    assert cmp["cca_mean"]["diffs"] == pytest.approx(e.tolist())
+    assert cmp["r2_eq"]["diffs"] == pytest.approx([0.0, 0.0, 0.0]) and cmp["rho1"]["mean"] == pytest.approx(0.0)
     gains = {g["task"]: g for g in s["gains"]}
     g = np.array([0.74 - 0.50, 0.72 - 0.52, 0.70 - 0.48])
     assert gains["shape"]["star-8"]["mean"] == pytest.approx(g.mean()) and gains["shape"]["judged"]
-    assert not gains["color"]["judged"] and not gains["rotation"]["judged"]  # zero gain, zero sd: not > 2 sd
-    # One seed: no standard deviation, so nothing can be judged.
-    one = quality.summarize([r for r in _rows(acc, excess) if r["seed"] == 0], arms)
+    assert not gains["color"]["judged"]
+    eq_row = next(r for r in s["equivariance"] if r["arm"] == "star-8")
+    assert eq_row["final_eq_crop"] == "0.20 ± 0.10" and eq_row["final_inv_crop"] == "0.00 ± 0.00"
+    one = quality.summarize([r for r in _rows(acc, excess) if r["seed"] == 0], arms, (("star-8", "sep-pm8"),))
     assert one["judged_tasks"] == [] and one["comparisons"][0]["cca_excess"]["sd"] is None
-    text = quality.render(s, {"settings": quality.SETTINGS, "transfer": quality.TRANSFER, "machine": _machine(),
+    text = quality.render(s, {"settings": quality.BASE, "measure": quality.MEASURE, "machine": _machine(),
                               "jobs": 2, "wall_time_s": 60.0, "reused_runs": 0, "seeds": [0, 1, 2],
                               "num_runs": 9, "run_time_s": 600.0})
-    assert "| star-8 − single | – | – |" in text and "judged tasks: shape" in text and "1024 SGD steps" in text
+    assert "judged tasks: shape" in text and "1024 SGD steps" in text and "16-D embeddings" in text
+    assert "| star-8 − sep-pm8 | -0.060 ± 0.046 (0/3) | -0.060 ± 0.046 (0/3) |" in text
 
 
-def test_arms_are_the_protocol():
-    names = [a.name for a in quality.ARMS]
-    assert names == ["random", "single", "sep-pm8", "star-8", "sep-pm16", "equimod", "star-16"]
-    s = quality.SETTINGS
-    assert s["epochs"] * (s["num_train"] // s["batch_size"]) >= 1000 and s["num_heldout"] >= 4096
-    equimod = next(a for a in quality.ARMS if a.name == "equimod")
-    assert equimod.args[-1] == str(4 * 8 * s["width"])  # EquiMod's hidden / feature ratio 2048 / 512
+def test_grids_are_the_design():
+    g = quality.GRIDS
+    narrow = g["narrow"].settings
+    assert 4 * narrow["output_dim"] <= 8 * narrow["width"]  # embeddings at most a quarter of the features
+    assert narrow["epochs"] * (narrow["num_train"] // narrow["batch_size"]) == 1024 and narrow["num_heldout"] >= 4096
+    assert g["long"].settings == {**narrow, "epochs": 4 * narrow["epochs"]}
+    assert g["router-init"].settings == narrow
+    inits = {(a.num_experts, a.router_init) for a in g["router-init"].arms if a.head == "star"}
+    assert inits == {(n, i) for n in (8, 16) for i in ("default", "task-distinct", "noisy")}
+    for grid in g.values():  # every STAR arm has its parameter-matched separate heads beside it
+        names = {a.name for a in grid.arms}
+        assert all(f"sep-pm{a.num_experts}" in names for a in grid.arms if a.head == "star")
