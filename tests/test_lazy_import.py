@@ -68,3 +68,26 @@ def test_import_costs_little_over_torch():
     own_us = cumulative["star_heads"]
     # generous bound for a loaded CI machine; measured 1-5 ms (the heads, metrics, augment load on first use)
     assert own_us < 25_000, f"import star_heads took {own_us / 1000:.1f} ms over torch"
+
+
+def test_a_first_import_inside_a_device_context_leaves_no_module_constant_on_that_device():
+    """Lazy imports can run inside ``with torch.device("meta")`` (a model built on meta to count its size): no
+    module may keep a tensor made at import time, or it would live on whatever device was the default then."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, star_heads\n"
+        "with torch.device('meta'):\n"
+        "    names = [getattr(star_heads, n) for n in star_heads.__all__]\n"
+        "import star_heads.metrics.equivariance as e, sys\n"
+        "bad = [f'{m}.{k}' for m, mod in list(sys.modules.items()) if m.startswith('star_heads')\n"
+        "       for k, v in vars(mod).items() if isinstance(v, torch.Tensor) and v.device.type == 'meta']\n"
+        "print(bad)\n"
+        "z = torch.randn(64, 4, dtype=torch.float64)\n"
+        "p = torch.randn(64, 2, dtype=torch.float64)\n"
+        "e.augmentation_r2(z, z + 1, p, p + z[:, :2], torch.arange(64) // 2, param_names=['crop_top', 'flip'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

@@ -148,8 +148,8 @@ def build_head_module(cfg: dict[str, Any], feat_dim: int) -> nn.Module:
 
     ``equimod`` is EquiMod's head shape (``SeparateHeads.equimod``, hidden ``cfg['hidden_dim']`` or 2048);
     ``match_params`` sizes a baseline kind to the STAR head with ``num_experts`` experts (``build_head``).
-    A ``router_init`` other than ``default`` is passed to ``build_head`` as ``router_init=``; a star_heads
-    whose heads do not take it raises ValueError saying so.
+    A ``router_init`` other than ``default`` is passed to ``build_head`` as ``router_init=``. The hidden width is
+    ``cfg['hidden_dim']`` or the backbone's feature width (the paper's expert shape).
     """
     from star_heads import SeparateHeads, build_head
 
@@ -160,15 +160,10 @@ def build_head_module(cfg: dict[str, Any], feat_dim: int) -> nn.Module:
     options: dict[str, Any] = {}
     if cfg.get("router_init", "default") != "default":
         options["router_init"] = cfg["router_init"]
-    try:
-        return build_head(cfg["head"], feat_dim, output_dim=dim, hidden_dim=hidden,
-                          num_experts=cfg["num_experts"] if star_sized else None,
-                          match_params=cfg.get("match_params", False), **options)
-    except TypeError as exc:
-        if "router_init" in options and "router_init" in str(exc):
-            raise ValueError(f"router_init={cfg['router_init']!r} needs a star_heads whose {cfg['head']} head takes "
-                             f"router_init= (this one does not: {exc})") from None
-        raise
+    # the paper's expert shape (d -> d -> d -> embed, arXiv 2510.27222, Sec. 4) unless --hidden-dim says otherwise
+    return build_head(cfg["head"], feat_dim, output_dim=dim, hidden_dim=hidden or feat_dim,
+                      num_experts=cfg["num_experts"] if star_sized else None,
+                      match_params=cfg.get("match_params", False), **options)
 
 
 def build_augment(cfg: dict[str, Any], device: torch.device) -> nn.Module:

@@ -44,7 +44,7 @@ __all__ = ["AugmentationR2", "PairFeatures", "augmentation_r2", "parameter_group
 
 PairFeatures = Literal["difference", "concat"]
 _COLOR = ("brightness", "contrast", "saturation", "hue")
-_PENALTY_GRID = torch.logspace(-8, 3, 45, dtype=torch.float64)  # λ / s_max²
+_PENALTY_GRID = (-8.0, 3.0, 45)  # λ / s_max² on a log grid: 10^-8 .. 10^3, 45 points (made per call, on the data's device)
 
 
 def parameter_groups(names: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -127,7 +127,7 @@ def _ridge_gcv(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """Coefficients ``[d, k]`` and the GCV-chosen penalty ``[k]`` of ridge on centred ``x [p, d]``, ``y [p, k]``."""
     n = x.shape[0]
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    lam = _PENALTY_GRID * s[0].square().clamp_min(torch.finfo(torch.float64).tiny)  # [l]
+    lam = torch.logspace(*_PENALTY_GRID, dtype=torch.float64, device=s.device) * s[0].square().clamp_min(torch.finfo(torch.float64).tiny)  # [l]
     s2 = s.square()
     filt = s2 / (s2 + lam[:, None])  # [l, r]: shrinkage of each direction
     uty = u.T @ y  # [r, k]

@@ -228,10 +228,11 @@ def test_paper_lr_rule_all_wd_and_param_matched_separate_heads(tmp_path):
     assert len(opt["param_groups"]) == 1 and opt["param_groups"][0]["weight_decay"] == 5e-4
     assert opt["param_groups"][0]["initial_lr"] == pytest.approx(0.03 * 16 / 256)
     head = {k[5:]: v for k, v in _states(run)["adapter"].items() if k.startswith("head.")}
-    matched = build_head("separate", 32, num_experts=2, match_params=True)  # backbone features: 8 × --width 4
+    # backbone features: 8 × --width 4; the examples' heads have the paper's expert shape (hidden = d)
+    matched = build_head("separate", 32, hidden_dim=32, num_experts=2, match_params=True)
     assert {k: tuple(v.shape) for k, v in matched.state_dict().items() if isinstance(v, torch.Tensor)} == {
         k: tuple(v.shape) for k, v in head.items() if isinstance(v, torch.Tensor)}
-    n_star = count_parameters(build_head("star", 32, num_experts=2))  # the STAR head of the same arguments
+    n_star = count_parameters(build_head("star", 32, hidden_dim=32, num_experts=2))  # the STAR head it matches
     assert abs(count_parameters(matched) - n_star) <= 0.05 * n_star
 
 
