@@ -97,7 +97,7 @@ if TYPE_CHECKING:
         STARVICRegProjectionHead,
         TaskHead,
     )
-    from star_heads.losses import (
+    from star_heads.losses import (  # type: ignore[no-redef]  # (the submodule star_heads.losses.vicreg)
         EquivariantNTXentLoss,
         NTXentLoss,
         VICRegLoss,

@@ -26,7 +26,7 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager[object]:
     """Autocast switched off on ``device_type`` for a block that must run in its inputs' precision (statistics,
     losses, augmentations); a no-op where autocast is off or does not exist (``meta``)."""
     if autocast_dtype(device_type) is None:

@@ -38,7 +38,7 @@ from star_heads._checks import (
 from star_heads._value_checks import value_checks_enabled
 from star_heads.expert_spec import check_norm_layer
 from star_heads.experts import ExpertBank
-from star_heads.routing import SoftRouter
+from star_heads.routing import RouterInit, SoftRouter
 from star_heads.sizing import DEFAULT_NUM_EXPERTS, count_parameters, drop_in_size, on_meta
 
 __all__ = [
@@ -287,7 +287,7 @@ class MMoEHead(TaskHead):
         learn_temperature: bool = False,
         conditional: bool = True,
         top_k: int | None = None,
-        router_init: str = "default",
+        router_init: RouterInit = "default",
         router_init_scale: float | None = None,
         check_finite: bool = False,
         device: torch.device | str | None = None,

@@ -50,4 +50,5 @@ class eager_call:  # noqa: N801 - used as a decorator
                 if f"{name}_eager" not in owner.__dict__:
                     setattr(owner, f"{name}_eager", torch.compiler.disable(getattr(owner, name), recursive=True))
             fn = self.skipped
+        assert fn is not None, "eager_call decorates a function"
         return fn if obj is None else types.MethodType(fn, obj)

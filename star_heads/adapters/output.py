@@ -100,6 +100,12 @@ def split_loss(result: Any, prefix: str, name: str, source: Tensor) -> tuple[Ten
 
 def weighted_terms(parts: Sequence[tuple[float, Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor]]:
     """``Σ w·loss`` and ``Σ w·term`` per name over ``(w, loss, terms)`` parts (the multi-crop average)."""
-    total = sum(w * loss for w, loss, _ in parts)
+    def wsum(values: Sequence[Tensor]) -> Tensor:
+        out = values[0]
+        for v in values[1:]:
+            out = out + v
+        return out
+
+    total = wsum([w * loss for w, loss, _ in parts])
     names = parts[0][2].keys()
-    return total, {k: sum(w * terms[k] for w, _, terms in parts) for k in names}
+    return total, {k: wsum([w * terms[k] for w, _, terms in parts]) for k in names}
