@@ -77,7 +77,7 @@ def test_heads_and_build_head_pass_it_through():
     torch.manual_seed(0)
     ref = STARHead(16, 8, num_experts=4)
     torch.manual_seed(0)
-    built = build_head("star", 16, num_experts=4, output_dim=8, router_init="noisy")
+    built = build_head("star", 16, num_experts=4, hidden_dim=16, output_dim=8, router_init="noisy")
     assert built.router.init == "noisy" and built.router.init_scale == 2.0
     for (name, p), (_, q) in zip(ref.named_parameters(), built.named_parameters()):
         assert torch.equal(p, q) or name == "router.linear.bias"  # experts and router weights: the same draws
