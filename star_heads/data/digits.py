@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from star_heads._checks import check_positive_int
+from star_heads._checks import check_float, check_positive_int
 
 __all__ = ["load_digits", "stratified_split"]
 
@@ -55,6 +55,9 @@ def stratified_split(
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
         raise TypeError(f"labels must be a 1-D integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)} "
                         f"with shape {tuple(getattr(labels, 'shape', ()))}")
+    if isinstance(fractions, (str, bytes)) or not isinstance(fractions, (tuple, list)):
+        raise TypeError(f"fractions must be a tuple of floats, got {type(fractions).__name__} {fractions!r}")
+    fractions = tuple(check_float(f, "fractions entry") for f in fractions)  # finite real numbers (NaN refused)
     if not fractions or any(f <= 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
         raise ValueError(f"fractions must be positive and sum to at most 1, got {fractions!r}")
     g = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from star_heads._checks import check_bool
@@ -101,6 +102,7 @@ def swap_projector(
     num_experts: int | None = None,
     expert_hidden_dim: int | None = None,
     drop_hidden_bias: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
     **options: Any,
 ) -> STARSimCLRProjectionHead:
     """Replaces ``module.<attr>`` (an MLP projector) by a STAR head whose experts keep its architecture.
@@ -124,6 +126,10 @@ def swap_projector(
             ``expert_hidden_dim=<the projector's hidden width>`` gives the paper's per-expert shape (every expert
             a copy of the projector's shape, about N times its parameters).
         drop_hidden_bias: See :func:`projector_spec`.
+        optimizer: An optimiser already built over ``module``'s parameters: the old projector's parameters
+            (and their optimiser state) leave it, and the new head's join the param group that held them. Without
+            it, a projector whose parameters already have gradients (training has started, so an optimiser holds
+            them) is refused: the new head would silently never be trained.
         **options: Head options (``tasks``, router options, ...); layer options given here override what
             was read from the projector.
 
@@ -136,6 +142,14 @@ def swap_projector(
             momentum projector whose architecture differs from the online one.
     """
     old = _get(module, attr)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if optimizer is None and any(p.grad is not None for p in old.parameters()):
+        raise ValueError(
+            f"{attr!r} already has gradients, so an optimiser was built over it: the new head would never be "
+            "trained. Pass optimizer=<that optimiser> (its param group takes the new head), or swap before "
+            "building the optimiser"
+        )
     spec = projector_spec(old, drop_hidden_bias=drop_hidden_bias)
     if spec.num_layers < 2:
         raise ValueError(
@@ -178,7 +192,24 @@ def swap_projector(
         target.train(momentum.training)
         setattr(module, str(momentum_attr), target)
     setattr(module, attr, head)
+    if optimizer is not None:
+        _move_params(optimizer, list(old.parameters()), [p for p in head.parameters() if p.requires_grad])
     return head
+
+
+def _move_params(optimizer: torch.optim.Optimizer, old: list[nn.Parameter], new: list[nn.Parameter]) -> None:
+    """Drops ``old`` (and their state) from ``optimizer`` and adds ``new`` to the group that held the first of them."""
+    gone = {id(p) for p in old}
+    target = None
+    for group in optimizer.param_groups:
+        if target is None and any(id(p) in gone for p in group["params"]):
+            target = group
+        group["params"] = [p for p in group["params"] if id(p) not in gone]
+    for p in old:
+        optimizer.state.pop(p, None)
+    if target is None:
+        raise ValueError("optimizer holds none of the projector's parameters: pass the optimiser built over this model")
+    target["params"].extend(new)
 
 
 def _get(module: nn.Module, attr: str) -> nn.Module:

@@ -191,3 +191,33 @@ def test_lightly_vicreg_head_is_kept():
     model.projection_head = old
     head = swap_projector(model, "projection_head", num_experts=2, expert_hidden_dim=32)
     assert _expert_structure(head) == _structure(list(old.layers))
+
+
+def test_swap_after_the_optimiser_was_built_is_refused_or_moves_the_parameters():
+    """A swap after training started would leave the new head out of the optimiser (never trained): refused, or,
+    with ``optimizer=``, the old projector's parameters and state leave it and the head's join their group."""
+    from star_heads.integrations import swap_projector
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.backbone = nn.Linear(6, 8)
+    model.projector = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD([{"params": model.backbone.parameters(), "lr": 0.1},
+                           {"params": model.projector.parameters(), "lr": 0.5, "momentum": 0.9}])
+    model.projector(model.backbone(torch.randn(5, 6))).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="already has gradients.*optimizer="):
+        swap_projector(model, "projector", num_experts=2)
+    old = list(model.projector.parameters())
+    head = swap_projector(model, "projector", num_experts=2, optimizer=opt)
+    in_opt = [p for g in opt.param_groups for p in g["params"]]
+    assert all(not any(p is q for q in in_opt) for p in old) and all(p not in opt.state for p in old)
+    assert opt.param_groups[1]["lr"] == 0.5 and [id(p) for p in opt.param_groups[1]["params"]] == [
+        id(p) for p in head.parameters()]
+    before = [p.detach().clone() for p in head.parameters()]
+    opt.zero_grad()
+    model.projector(model.backbone(torch.randn(5, 6)), task=None)["eq"].sum().backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, head.parameters()))  # the new head trains
+    with pytest.raises(TypeError, match="optimizer must be"):
+        swap_projector(model, "projector", optimizer="sgd")

@@ -103,3 +103,12 @@ def _env() -> dict[str, str]:
 
     root = str(Path(star_heads.__file__).resolve().parent.parent)
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.mark.parametrize("fractions, error", [((float("nan"), 0.2), ValueError), ((0.5, float("inf")), ValueError),
+                                              (("0.5",), TypeError), ("0.5", TypeError), ((0.5, True), TypeError)])
+def test_stratified_split_refuses_non_finite_or_non_numeric_fractions(fractions, error):
+    from star_heads.data import stratified_split
+
+    with pytest.raises(error, match="fractions"):
+        stratified_split(torch.arange(10) % 2, fractions)
