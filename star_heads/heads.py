@@ -262,7 +262,8 @@ class MMoEHead(TaskHead):
         learn_temperature: Learn the router temperature.
         conditional: Input-dependent gates (``False``: one learned logit vector per task).
         top_k: Keep the k largest gates per task (experimental, see :class:`SoftRouter`).
-        router_init: How the routers start: ``"default"``, ``"task-distinct"`` or ``"noisy"`` (``init`` of :class:`SoftRouter`).
+        router_init: How the routers start: ``"default"``, ``"task-distinct"`` or ``"noisy"`` (``init`` of
+            :class:`SoftRouter`).
         router_init_scale: Its bias scale (``init_scale`` of :class:`SoftRouter`).
         check_finite: See :class:`TaskHead` (one host sync per call).
         device: Factory kwarg.

@@ -144,7 +144,9 @@ def _init_scale(init: str, scale: object, num_tasks: int, num_experts: int) -> f
     """Checks ``init_scale`` against ``init`` (and the task / expert counts it needs); returns the scale used."""
     if init == "default":
         if scale is not None:
-            raise ValueError(f"init_scale applies to init 'task-distinct' or 'noisy', not 'default'; got init_scale={scale!r}")
+            raise ValueError(
+                f"init_scale applies to init 'task-distinct' or 'noisy', not 'default'; got init_scale={scale!r}"
+            )
         return None
     if init == "task-distinct" and not 2 <= num_tasks <= num_experts:
         raise ValueError(

@@ -5,4 +5,6 @@ from star_heads.adapters.factory import HEAD_KINDS, build_head
 from star_heads.adapters.simclr import EquiModAdapter, SimCLRAdapter
 from star_heads.adapters.vicreg import VICRegAdapter
 
-__all__ = ["AdapterOutput", "JointAdapter", "SimCLRAdapter", "VICRegAdapter", "EquiModAdapter", "build_head", "HEAD_KINDS"]
+__all__ = [
+    "AdapterOutput", "JointAdapter", "SimCLRAdapter", "VICRegAdapter", "EquiModAdapter", "build_head", "HEAD_KINDS",
+]

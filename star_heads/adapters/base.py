@@ -64,7 +64,8 @@ class JointAdapter(nn.Module):
         predictor: ``"star"``, ``"equimod"``, ``"hyper"`` or a module ``(z0, params) -> prediction``.
         normalizer: ``"running"`` (default: tracked statistics, saved in the state_dict), ``"stl10"``
             (the paper's published 11-D constants, crop box in pixels of 96-px images; for the normalised boxes of
-            ``STARAugment`` pass ``AugParamNormalizer.stl10(crop_units="normalized")``), ``None`` (parameters used as given) or a module.
+            ``STARAugment`` pass ``AugParamNormalizer.stl10(crop_units="normalized")``), ``None`` (parameters used
+            as given) or a module.
         loss: Invariant loss ``(z0, z1) -> Tensor`` (e.g. lightly's ``NTXentLoss``); default per subclass.
         eq_loss: Equivariant loss ``(targets, predictions) -> Tensor``; default per subclass.
         cca_every: Compute CCA(inv, eq) over the last ``cca_every`` joint steps, every ``cca_every``
@@ -102,7 +103,9 @@ class JointAdapter(nn.Module):
         if not callable(loss):
             raise TypeError(f"loss must be a callable (z0, z1) -> Tensor, got {type(loss).__name__}")
         if not callable(eq_loss):
-            raise TypeError(f"eq_loss must be a callable (targets, predictions) -> Tensor, got {type(eq_loss).__name__}")
+            raise TypeError(
+                f"eq_loss must be a callable (targets, predictions) -> Tensor, got {type(eq_loss).__name__}"
+            )
         self.view_batching: ViewBatching = check_choice(view_batching, "view_batching", ViewBatching)
         self.param_dim = check_int(param_dim, "param_dim", minimum=1)
         self.check_finite = check_bool(check_finite, "check_finite")

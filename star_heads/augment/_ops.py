@@ -122,7 +122,8 @@ def _linear_jitter(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor, acti
                    enabled: tuple[int, ...]) -> torch.Tensor:
     """One step of brightness / contrast / saturation, a different op per image, in one affine pass.
 
-    torchvision's three ops are ``clamp(f x + (1 - f) r)`` (``torch.lerp(r, x, f)``) with ``r`` = 0 (brightness), the mean gray value
+    torchvision's three ops are ``clamp(f x + (1 - f) r)`` (``torch.lerp(r, x, f)``) with ``r`` = 0 (brightness),
+    the mean gray value
     (contrast; the mean of all channels for non-RGB images) or the gray image (saturation). Images where ``active``
     is False, or whose op is not a linear one, are returned unchanged.
 

@@ -60,7 +60,7 @@ def param_names(solarize: bool) -> tuple[str, ...]:
 
 
 def _pair(value: object, name: str) -> tuple[int, int]:
-    """``(h, w)`` from an int or a pair of ints, each >= 1 (TypeError for a wrong type, ValueError for a wrong value)."""
+    """``(h, w)`` from an int or a pair of ints, each >= 1 (TypeError: wrong type, ValueError: wrong value)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (value, value)
     if not isinstance(value, (tuple, list)) or not all(

@@ -161,7 +161,8 @@ def make_shapes(
     scale_bin = torch.clamp((u01 * 3).floor().long(), max=2)
     margin = EXTENT * scale + 1.0 / size  # keep the object (and its antialiased edge) inside the image
     pos = margin[:, None] + (1 - 2 * margin[:, None]) * torch.rand(n, 2, generator=g, dtype=torch.float64)
-    hue = torch.remainder((color.double() + 0.8 * (torch.rand(n, generator=g, dtype=torch.float64) - 0.5)) / NUM_COLORS, 1.0)
+    jitter = 0.8 * (torch.rand(n, generator=g, dtype=torch.float64) - 0.5)
+    hue = torch.remainder((color.double() + jitter) / NUM_COLORS, 1.0)
     sat = 0.65 + 0.35 * torch.rand(n, generator=g, dtype=torch.float64)
     val = 0.7 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
     rgb = _hsv_to_rgb(hue, sat, val).float().to(device)

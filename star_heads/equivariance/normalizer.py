@@ -128,7 +128,12 @@ class AugParamNormalizer(nn.Module):
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_constants(
-        cls, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor, *, track_running_stats: bool = False, **kwargs
+        cls,
+        mean: Sequence[float] | Tensor,
+        std: Sequence[float] | Tensor,
+        *,
+        track_running_stats: bool = False,
+        **kwargs,
     ) -> AugParamNormalizer:
         """A normaliser with fixed published statistics.
 
@@ -139,7 +144,9 @@ class AugParamNormalizer(nn.Module):
         """
         mean_t, std_t = _constants(mean, "mean"), _constants(std, "std")
         if mean_t.shape != std_t.shape or mean_t.numel() == 0:
-            raise ValueError(f"mean and std must be non-empty with equal length, got {mean_t.numel()} and {std_t.numel()}")
+            raise ValueError(
+                f"mean and std must be non-empty with equal length, got {mean_t.numel()} and {std_t.numel()}"
+            )
         if not bool(torch.isfinite(mean_t).all() and torch.isfinite(std_t).all()) or bool((std_t < 0).any()):
             raise ValueError("mean and std must be finite and std >= 0")
         norm = cls(mean_t.numel(), track_running_stats=track_running_stats, **kwargs)

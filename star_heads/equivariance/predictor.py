@@ -135,7 +135,8 @@ class EquivariantPredictor(nn.Module):
                 nn.Linear(h, d, bias=True),
             )
         elif kind == "equimod":
-            self.param_encoder = nn.Sequential(nn.Linear(param_dim, d, bias=False), _check_norm(norm_layer(d), norm_layer))
+            encoder_norm = _check_norm(norm_layer(d), norm_layer)
+            self.param_encoder = nn.Sequential(nn.Linear(param_dim, d, bias=False), encoder_norm)
             self.mlp = nn.Sequential(
                 nn.Linear(2 * d, d, bias=False), _check_norm(_norm_without_affine(norm_layer, d), norm_layer)
             )

@@ -127,7 +127,8 @@ def equivariant_nt_xent(
 ) -> Tensor:
     """STAR / EquiMod equivariant NT-Xent between targets A and predictions P.
 
-    STAR (arXiv 2510.27222, Sec. 3; EquiMod, arXiv 2211.01244): ``L_eq = NT-Xent(A, P)`` with ``A = [z_eq(x1); z_eq(x2)]`` and
+    STAR (arXiv 2510.27222, Sec. 3; EquiMod, arXiv 2211.01244): ``L_eq = NT-Xent(A, P)`` with
+    ``A = [z_eq(x1); z_eq(x2)]`` and
     ``P = [ẑ_eq(x1); ẑ_eq(x2)]`` (``M = 2B`` rows each): the positive of row i of A is row i of
     P; the negatives are all other rows of A and P, ``2M - 2 = 4B - 2`` per anchor. NT-Xent is
     symmetric, so by default (``anchors="both"``, as in the reference code, which runs its
@@ -195,7 +196,9 @@ class NTXentLoss(nn.Module):
 
 def _check_no_memory_bank(size: object) -> None:
     entries = (size,) if isinstance(size, int) and not isinstance(size, bool) else size
-    if not isinstance(entries, (tuple, list)) or not all(isinstance(e, int) and not isinstance(e, bool) for e in entries):
+    if not isinstance(entries, (tuple, list)) or not all(
+        isinstance(e, int) and not isinstance(e, bool) for e in entries
+    ):
         raise TypeError(f"memory_bank_size must be an int or a sequence of ints (lightly's form), got {size!r}")
     if len(entries) == 0 or entries[0] != 0:
         raise NotImplementedError(

@@ -75,8 +75,9 @@ def _check_embeddings(z: object, name: str) -> Tensor:
     """A ``[batch, dim]`` float tensor; a 3-D or 4-D input is named as VICRegL's local features."""
     if isinstance(z, Tensor) and z.ndim in (3, 4):
         raise ValueError(
-            f"{name} must be [batch, dim] embeddings, got {z.ndim} dimensions with shape {tuple(z.shape)}: per-location "
-            "features ([batch, locations, dim] or [batch, H, W, dim]) are VICRegL's input; use lightly.loss.VICRegLLoss "
+            f"{name} must be [batch, dim] embeddings, got {z.ndim} dimensions with shape {tuple(z.shape)}: "
+            "per-location features ([batch, locations, dim] or [batch, H, W, dim]) are VICRegL's input; use "
+            "lightly.loss.VICRegLLoss "
             "for them, or pool them to [batch, dim]"
         )
     z = check_float_tensor(z, name, ndim=2)
@@ -143,7 +144,9 @@ def vicreg(
     z1 = _check_embeddings(z1, "z1")
     z2 = _check_embeddings(z2, "z2")
     if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape [batch, dim], got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(
+            f"z1 and z2 must have the same shape [batch, dim], got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
     rows = z1.shape[0] * (_dist.world_size() if gather else 1)
     if z1.shape[0] < 1 or rows < 2:
         raise ValueError(

@@ -44,7 +44,7 @@ __all__ = ["AugmentationR2", "PairFeatures", "augmentation_r2", "parameter_group
 
 PairFeatures = Literal["difference", "concat"]
 _COLOR = ("brightness", "contrast", "saturation", "hue")
-_PENALTY_GRID = (-8.0, 3.0, 45)  # λ / s_max² on a log grid: 10^-8 .. 10^3, 45 points (made per call, on the data's device)
+_PENALTY_GRID = (-8.0, 3.0, 45)  # λ / s_max² on a log grid, 10^-8 .. 10^3 (made per call, on the data's device)
 
 
 def parameter_groups(names: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -127,7 +127,8 @@ def _ridge_gcv(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """Coefficients ``[d, k]`` and the GCV-chosen penalty ``[k]`` of ridge on centred ``x [p, d]``, ``y [p, k]``."""
     n = x.shape[0]
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    lam = torch.logspace(*_PENALTY_GRID, dtype=torch.float64, device=s.device) * s[0].square().clamp_min(torch.finfo(torch.float64).tiny)  # [l]
+    grid = torch.logspace(*_PENALTY_GRID, dtype=torch.float64, device=s.device)
+    lam = grid * s[0].square().clamp_min(torch.finfo(torch.float64).tiny)  # [l]
     s2 = s.square()
     filt = s2 / (s2 + lam[:, None])  # [l, r]: shrinkage of each direction
     uty = u.T @ y  # [r, k]
@@ -202,7 +203,7 @@ def augmentation_r2(
     if image_ids is None:
         ids = torch.arange(n_pairs)
     else:
-        if not isinstance(image_ids, torch.Tensor) or image_ids.dtype.is_floating_point or image_ids.dtype == torch.bool:
+        if not isinstance(image_ids, torch.Tensor) or image_ids.is_floating_point() or image_ids.dtype == torch.bool:
             raise TypeError(f"image_ids must be an integer tensor [P], got {type(image_ids).__name__} "
                             f"{getattr(image_ids, 'dtype', '')}")
         if tuple(image_ids.shape) != (n_pairs,):

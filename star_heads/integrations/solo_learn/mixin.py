@@ -173,7 +173,8 @@ class STAREquivariantMixin:
         head = replace_projector(self, num_experts=num_experts)  # type: ignore[arg-type]
         self.star_lam = lam
         self.star_augment = augment
-        self.star_predictor = EquivariantPredictor(int(head.output_dim), int(augment.param_dim))  # 12-D with solarization
+        # 12-D parameters when the recipe solarizes
+        self.star_predictor = EquivariantPredictor(int(head.output_dim), int(augment.param_dim))
         self.star_normalizer = AugParamNormalizer.for_augment(augment)
         self.star_eq_loss = eq_loss or EquivariantNTXentLoss(temperature)
         self.register_buffer("star_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

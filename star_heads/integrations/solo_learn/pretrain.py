@@ -138,7 +138,9 @@ def _resume(cfg: Any) -> tuple[Any, Any]:
         return explicit, None
     from solo.utils.auto_resumer import AutoResumer
 
-    resumer = AutoResumer(checkpoint_dir=os.path.join(cfg.checkpoint.dir, cfg.method), max_hours=cfg.auto_resume.max_hours)
+    resumer = AutoResumer(
+        checkpoint_dir=os.path.join(cfg.checkpoint.dir, cfg.method), max_hours=cfg.auto_resume.max_hours
+    )
     path, run_id = resumer.find_checkpoint(cfg)
     if path is not None:
         print(f"Resuming from previous checkpoint that matches specifications: {path!r}")
@@ -170,7 +172,9 @@ def main() -> None:
     try:
         import hydra
     except ImportError as err:
-        raise ImportError(f"the solo-learn entry point needs hydra-core (solo's own dependency); {SOLO_INSTALL_HINT}") from err
+        raise ImportError(
+            f"the solo-learn entry point needs hydra-core (solo's own dependency); {SOLO_INSTALL_HINT}"
+        ) from err
 
     hydra.main(version_base="1.2", config_path=None)(run)()
 
