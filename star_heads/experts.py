@@ -16,7 +16,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from star_heads._checks import check_bool, check_float_tensor, check_positive_int
+from star_heads._checks import (
+    check_batch_for_batch_norm,
+    check_bool,
+    check_float_tensor,
+    check_input_dtype,
+    check_positive_int,
+)
 from star_heads._precision import autocast_dtype
 from star_heads._running_stats import guarded_batch_norm
 from star_heads._value_checks import value_checks_enabled
@@ -155,18 +161,9 @@ class ExpertBank(nn.Module):
         check_float_tensor(x, "x", sizes=(None, self.input_dim), finite=finite)
         if x.shape[0] == 0:
             raise ValueError(f"x must hold at least one sample, got shape {list(x.shape)}")
-        if x.shape[0] == 1 and any(_uses_batch_stats(m) for m in self.norms):
-            raise ValueError(
-                f"x has a single sample (shape {list(x.shape)}), but a BatchNorm in training mode needs more "
-                "than one sample per batch: pass a larger batch or call .eval()"
-            )
-        param = self.linears[0].weight.dtype
+        check_batch_for_batch_norm(x, self)
+        check_input_dtype(x, self.linears[0].weight.dtype, "x", "bank")
         autocast = autocast_dtype(x.device.type) is not None
-        if not autocast and x.dtype != param:
-            raise TypeError(
-                f"x has dtype {x.dtype} but the bank's parameters are {param}: cast one of them "
-                "(or run under torch.autocast)"
-            )
         if gates is not None:
             check_float_tensor(gates, "gates", sizes=(x.shape[0], None, self.num_experts), finite=finite)
             if not autocast and gates.dtype != x.dtype:
@@ -253,10 +250,6 @@ def _norm_act(h: torch.Tensor, n: int, norm: nn.Module, act: nn.Module | None) -
     if act is not None:
         h = act(h)  # in place where the activation supports it
     return h.transpose(1, 2) if isinstance(norm, ExpertLayerNorm) else h.view(n, -1, b)
-
-
-def _uses_batch_stats(norm: nn.Module) -> bool:
-    return is_batch_norm(norm) and (norm.training or norm.running_mean is None)
 
 
 def _hidden_biases(hidden_bias: bool | Sequence[bool], count: int) -> list[bool]:

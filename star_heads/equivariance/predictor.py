@@ -13,9 +13,11 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from star_heads._checks import (
+    check_batch_for_batch_norm,
     check_bool,
     check_choice,
     check_float_tensor,
+    check_input_dtype,
     check_layer,
     check_positive_int,
 )
@@ -41,10 +43,6 @@ def _check_norm(norm: nn.Module, norm_layer: object) -> nn.Module:
             f"got {norm_layer!r}, which builds {type(norm).__name__}"
         )
     return norm
-
-
-def _uses_batch_stats(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
 
 
 def _norm_without_affine(norm_layer: type[nn.Module], dim: int) -> nn.Module:
@@ -159,16 +157,8 @@ class EquivariantPredictor(nn.Module):
             )
         weight = next(self.parameters()).dtype
         autocast = autocast_dtype(z0.device.type) is not None
-        if z0.dtype != weight and not autocast:
-            raise TypeError(
-                f"z0 has dtype {z0.dtype} but the predictor's parameters are {weight}: cast the embeddings "
-                f"(z0.to({weight})), the predictor (predictor.to({z0.dtype})), or run under torch.autocast"
-            )
-        if z0.shape[0] == 1 and any(_uses_batch_stats(m) for m in self.modules()):
-            raise ValueError(
-                f"z0 has a batch of 1 (shape {tuple(z0.shape)}): BatchNorm in training mode needs at least 2 "
-                "samples; use a larger batch, call predictor.eval(), or build it with norm_layer=nn.LayerNorm"
-            )
+        check_input_dtype(z0, weight, "z0", "predictor")
+        check_batch_for_batch_norm(z0, self, "z0")
         if value_checks_enabled(self.check_finite):  # after the shape checks, before any layer: one sync
             if not bool(torch.isfinite(z0).all() & torch.isfinite(params).all()):
                 bad = "z0" if not bool(torch.isfinite(z0).all()) else "params"

@@ -19,7 +19,7 @@ def _unchanged(bank, before):
     "x, gates, exc, match",
     [
         (torch.randn(0, 6), None, ValueError, r"at least one sample, got shape \[0, 6\]"),
-        (torch.randn(1, 6), None, ValueError, r"single sample \(shape \[1, 6\]\).*BatchNorm in training mode"),
+        (torch.randn(1, 6), None, ValueError, r"batch of 1 \(shape \(1, 6\)\).*BatchNorm in training mode"),
         (torch.randn(4, 6, dtype=torch.float64), None, TypeError, "x has dtype torch.float64 but the bank's parameters are torch.float32"),
         (torch.randn(4, 6, dtype=torch.bfloat16), None, TypeError, "x has dtype torch.bfloat16"),
         (torch.randn(4, 6), torch.rand(4, 2, 2), ValueError, r"gates must have shape \[4, \*, 3\]"),
