@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sync_guard import HostSyncGuard
 
 from star_heads.metrics import (
     CollapseStats,
@@ -12,7 +13,6 @@ from star_heads.metrics import (
     effective_rank,
     embedding_std,
 )
-from tests.sync_guard import HostSyncGuard
 
 
 def _np_std(z):
