@@ -109,7 +109,12 @@ class ExpertBank(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: torch.Tensor, gates: torch.Tensor | None = None, *, return_expert_outputs: bool = False
+        self,
+        x: torch.Tensor,
+        gates: torch.Tensor | None = None,
+        *,
+        return_expert_outputs: bool = False,
+        _checked: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Runs every expert once and, with ``gates``, mixes them per task.
 
@@ -117,6 +122,8 @@ class ExpertBank(nn.Module):
             x: ``[B, d]`` input features.
             gates: Optional ``[B, T, N]`` mixing weights (one row per task).
             return_expert_outputs: With ``gates``, also return every expert's output ``[B, N, o]``.
+            _checked: Internal: the caller (a head) validated ``x`` and ``gates`` already. The bank is still
+                called as a module, so hooks, profilers and wrappers see it.
 
         Returns:
             Without ``gates``: every expert's output ``[B, N, o]``. With ``gates``: the mixtures ``[T, B, o]``,
@@ -128,6 +135,8 @@ class ExpertBank(nn.Module):
             ValueError: wrong shapes, an empty batch, a single sample while a BatchNorm uses batch
                 statistics, or (``check_finite``) NaN/Inf values.
         """
+        if _checked:
+            return self._forward(x, gates, return_expert_outputs)
         self._check(x, gates)
         return self._forward(x, gates, check_bool(return_expert_outputs, "return_expert_outputs"))
 

@@ -316,7 +316,7 @@ class MMoEHead(TaskHead):
     def _embed(self, x, task_indices, need_gates, need_experts):
         # x was checked once by TaskHead.check_input: the router and the bank run unchecked
         single = len(task_indices) == 1 and self.num_tasks > 1
-        gates = self.router._gates(x, task_indices[0] if single else None)  # [b, t, n]
+        gates = self.router(x, task_indices[0] if single else None, _checked=True)  # [b, t, n]
         if need_experts:
             z, experts = bank_forward(self.experts, x, gates, return_expert_outputs=True)  # [t, b, o], [b, n, o]
             return z, gates, experts
@@ -325,12 +325,12 @@ class MMoEHead(TaskHead):
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Router gates ``[B, T, N]`` alone (cheap: the experts are not evaluated)."""
         self.check_input(x)
-        return self.router._gates(x)
+        return self.router(x, _checked=True)
 
 
 def bank_forward(bank: ExpertBank, x: torch.Tensor, gates: torch.Tensor | None = None, **kwargs: Any) -> Any:
     """The bank's unchecked forward, for a head whose input was checked by :meth:`TaskHead.check_input`."""
-    return bank._forward(x, gates, **kwargs)
+    return bank(x, gates, _checked=True, **kwargs)
 
 
 def _layer_options(norm_layer, act_layer, last_norm_layer, last_bias, hidden_bias=False) -> dict[str, Any]:

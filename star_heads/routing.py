@@ -103,17 +103,18 @@ class SoftRouter(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
 
-    def forward(self, x: torch.Tensor, task_index: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task_index: int | None = None, *, _checked: bool = False) -> torch.Tensor:
         """Gates of every task ``[B, T, N]``, or of task ``task_index`` only as ``[B, 1, N]`` (only its rows
-        of the router are evaluated).
+        of the router are evaluated). ``_checked`` (internal): the caller, a head, validated the inputs already.
 
         Raises:
             TypeError: ``x`` is not a float tensor; ``task_index`` is not an int (a bool is not).
             ValueError: ``x`` is not ``[B, input_dim]``; ``task_index`` is outside ``[0, num_tasks - 1]``.
         """
-        check_float_tensor(x, "x", sizes=(None, self.input_dim))
-        if task_index is not None:
-            check_int(task_index, "task_index", minimum=0, maximum=self.num_tasks - 1)
+        if not _checked:
+            check_float_tensor(x, "x", sizes=(None, self.input_dim))
+            if task_index is not None:
+                check_int(task_index, "task_index", minimum=0, maximum=self.num_tasks - 1)
         return self._gates(x, task_index)
 
     def _gates(self, x: torch.Tensor, task_index: int | None = None) -> torch.Tensor:

@@ -197,20 +197,26 @@ def test_state_dict_without_task_names_is_refused():
 
 
 def test_head_validates_x_once_and_runs_its_layers_unchecked(monkeypatch):
-    """TaskHead.check_input is the one check of head(x): the router's (and the bank's) checked forward is not called."""
+    """TaskHead.check_input is the one check of head(x): the router's and the bank's checks do not run again, yet
+    both are still called as modules (their hooks fire, so profilers and wrappers see them)."""
     from star_heads import routing
     from star_heads.experts import ExpertBank
 
     def checked(*args, **kwargs):
-        raise AssertionError("a checked layer forward ran inside head(x)")
+        raise AssertionError("a layer's input check ran inside head(x)")
 
-    monkeypatch.setattr(routing.SoftRouter, "forward", checked)
-    monkeypatch.setattr(ExpertBank, "forward", checked)
+    monkeypatch.setattr(routing, "check_float_tensor", checked)
+    monkeypatch.setattr(ExpertBank, "_check", checked)
     torch.manual_seed(0)
     for head in (STARHead(6, 4, num_experts=3), SeparateHeads(6, output_dim=4), SharedSpecificHead(6, output_dim=4)):
+        banks = [m for m in head.modules() if isinstance(m, ExpertBank)]
+        calls = []
+        for bank in banks:
+            bank.register_forward_hook(lambda m, a, o: calls.append(m))
         x = torch.randn(5, 6)
         out = head(x, return_gates=True, return_expert_outputs=True)
         assert out["inv"].shape == out["eq"].shape == (5, 4)
+        assert len(calls) == len(banks)  # each bank called once, as a module
         with pytest.raises(ValueError, match=r"x must have shape \[\*, 6\]"):
             head(torch.randn(5, 7))  # still checked, once, at the entry point
     assert STARHead(6, 4, num_experts=3).gates(torch.randn(5, 6)).shape == (5, 2, 3)
