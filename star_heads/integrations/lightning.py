@@ -13,22 +13,26 @@ under ``prefix``: ``routing/<task>/entropy``, ``.../effective_experts``, ``.../e
 ``routing/expert_<k>/task_overlap`` and ``collapse/<task>/std``, ``collapse/<task>/rank`` every ``every``
 optimiser steps, and ``cca/mean``, ``cca/null_mean``, ``cca/excess``, ``cca/n`` for every CCA result (the
 adapter's own monitor; for a bare head, the callback's monitor fed by calls that return both tasks,
-``head(x, task=None)``). Values are written to the trainer's loggers at the step of the batch they come from,
-once each, independently of ``log_every_n_steps``.
+``head(x, task=None)``). With ``equivariance_every=k`` it also logs, every ``k`` optimiser steps, the held-out
+R² of the relative augmentation parameters read out of each embedding (``equivariance/<task>/r2/<group>``,
+:func:`~star_heads.metrics.augmentation_r2` on that step's pairs of views). Values are written to the
+trainer's loggers at the step of the batch they come from, once each, independently of ``log_every_n_steps``.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from star_heads._checks import check_bool, check_positive_int
+from star_heads._checks import check_bool, check_int, check_names, check_positive_int
 from star_heads.adapters.base import AdapterOutput, JointAdapter
+from star_heads.augment._params import PARAM_NAMES
 from star_heads.heads import HeadOutput
-from star_heads.metrics import CCAMonitor, collapse_stats
+from star_heads.metrics import CCAMonitor, augmentation_r2, collapse_stats
 from star_heads.routing import routing_stats
 
 
@@ -74,8 +78,12 @@ class _STARLogging:
         cca_every: int = 100,
         target: nn.Module | None = None,
         collapse: bool = True,
+        equivariance_every: int = 0,
+        param_names: Sequence[str] | None = None,
     ):
         self.every = check_positive_int(every, "every")
+        self.equivariance_every = check_int(equivariance_every, "equivariance_every", minimum=0)
+        self.param_names = None if param_names is None else check_names(param_names, "param_names")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         self.prefix, self.cca_every, self.target = prefix, check_positive_int(cca_every, "cca_every"), target
@@ -85,6 +93,7 @@ class _STARLogging:
         self._default_task: str | None = None
         self._last_gates: torch.Tensor | None = None
         self._last_embeddings: dict[str, torch.Tensor] = {}
+        self._last_pairs: dict[str, torch.Tensor] = {}  # inv1, inv2, eq1, eq2, params1, params2 of a joint call
         self._capture_step = 0  # trainer.global_step while the captured batch ran
         self._seen_step = 0  # trainer.global_step at the last batch end: a larger one means the optimiser stepped
         self._pending_cca: list[tuple[int, Any]] = []  # (step it was computed at, result), each logged once
@@ -94,6 +103,17 @@ class _STARLogging:
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         target = self.target if self.target is not None else find_star_module(pl_module)
+        if self.equivariance_every:
+            if not isinstance(target, JointAdapter):
+                raise ValueError(f"equivariance_every={self.equivariance_every} needs a STAR adapter (JointAdapter), "
+                                 f"whose joint call carries params1/params2; the target is a "
+                                 f"{type(target).__name__}")
+            k, names = target.param_dim, self.param_names
+            if names is None and k != len(PARAM_NAMES):
+                raise ValueError(f"equivariance_every needs param_names= for the adapter's {k} augmentation "
+                                 f"parameters (the default names cover {len(PARAM_NAMES)})")
+            if names is not None and len(names) != k:
+                raise ValueError(f"param_names has {len(names)} names, the adapter takes {k} parameters")
         self._trainer = trainer
         self._tasks = tuple(getattr(target, "tasks", ()))
         task = inspect.signature(target.forward).parameters.get("task")
@@ -116,16 +136,30 @@ class _STARLogging:
         for step, result in self._pending_cca:
             self._emit(trainer, pl_module, result.as_dict(f"{self.prefix}cca/"), step)
         self._pending_cca = []
-        if not stepped or self._capture_step % self.every != 0:
+        due = self._capture_step % self.every == 0 or (
+            self.equivariance_every and self._capture_step % self.equivariance_every == 0)
+        if not stepped or not due:
             return
         values: dict[str, float] = {}
-        if self._last_gates is not None:
+        routine = self._capture_step % self.every == 0
+        if routine and self._last_gates is not None:
             values.update(routing_stats(self._last_gates, tasks=self._tasks or None).as_dict(f"{self.prefix}routing/"))
-        if self.collapse and self._last_embeddings:
+        if routine and self.collapse and self._last_embeddings:
             values.update(collapse_stats(self._last_embeddings).as_dict(f"{self.prefix}collapse/"))
-        self._last_gates, self._last_embeddings = None, {}
+        if self.equivariance_every and self._capture_step % self.equivariance_every == 0 and self._last_pairs:
+            values.update(self._equivariance(self._last_pairs))
+        self._last_gates, self._last_embeddings, self._last_pairs = None, {}, {}
         if values:
             self._emit(trainer, pl_module, values, self._capture_step)
+
+    def _equivariance(self, pairs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Held-out R² of the relative augmentation parameters from each task's pair of views (host reads)."""
+        values: dict[str, float] = {}
+        for task in ("inv", "eq"):
+            result = augmentation_r2(pairs[f"{task}1"].float(), pairs[f"{task}2"].float(), pairs["params1"].float(),
+                                     pairs["params2"].float(), param_names=self.param_names)
+            values.update(result.as_dict(f"{self.prefix}equivariance/{task}/"))
+        return values
 
     def _emit(self, trainer: Any, pl_module: Any, values: dict[str, float], step: int) -> None:
         """Writes ``values`` to every logger at ``step`` directly (``log_every_n_steps`` would drop or delay
@@ -147,6 +181,10 @@ class _STARLogging:
             self._last_embeddings.update(emb)
             if output.cca is not None:
                 self._pending_cca.append((self._capture_step, output.cca))
+            names = ("inv1", "inv2", "eq1", "eq2")
+            if self.equivariance_every and kwargs.get("params1") is not None and set(names) <= set(output.embeddings):
+                self._last_pairs = {n: output.embeddings[n].detach() for n in names}
+                self._last_pairs.update(params1=kwargs["params1"].detach(), params2=kwargs["params2"].detach())
             return
         if isinstance(output, HeadOutput):
             self._last_embeddings.update({t: z.detach() for t, z in output.embeddings.items()})
@@ -186,6 +224,15 @@ STARLoggingCallback = type(
         target: The adapter or head to watch (default: found with :func:`find_star_module`).
         collapse: Also log :func:`~star_heads.metrics.collapse_stats` of each task's last embeddings under
             ``collapse/<task>/std`` and ``collapse/<task>/rank``.
+        equivariance_every: Every this many optimiser steps (0 = never, the default), log how much of the
+            augmentation each embedding encodes: :func:`~star_heads.metrics.augmentation_r2` of the step's
+            pairs of views (``z_task`` of view 1 and view 2 of each image, the adapter's ``params1`` /
+            ``params2``; fitted on half the batch's images, scored on the other half) under
+            ``equivariance/<task>/r2/<group>``. Needs a joint adapter call with at least 4 images; one host
+            read per logged step. One batch gives a noisy estimate: use a large batch or the held-out
+            evaluation in ``benchmarks/quality.py`` for a verdict.
+        param_names: Names of the adapter's augmentation parameters when there are not 11 (``STARAugment``'s
+            default vector), e.g. ``augment.param_names`` of a ``STARAugment(solarize=...)``.
     """,
         "__module__": __name__,
     },

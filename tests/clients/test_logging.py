@@ -229,3 +229,93 @@ def test_capture_and_non_logging_steps_are_sync_free():
     assert callback._last_gates is not None and callback._last_gates.device.type == "meta"
     assert set(callback._last_embeddings) == {"inv", "eq"}  # the task of each single-task call
     callback.on_fit_end(trainer, head)
+
+
+class ParamsJoint(JointModule):
+    """Views whose features depend on known parameters; records each step's embeddings and parameters."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps: dict[int, dict] = {}
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        p1, p2 = torch.rand(len(x), 11), torch.rand(len(x), 11)
+        h0 = self.backbone(x)
+        h1, h2 = self.backbone(x + p1[:, :10]), self.backbone(x + p2[:, :10])
+        out = self.adapter(h1, h2, h0=h0, params1=p1, params2=p2)
+        self.steps[self.trainer.global_step] = {**{k: out.embeddings[k].detach().clone() for k in
+                                                   ("inv1", "inv2", "eq1", "eq2")}, "params1": p1, "params2": p2}
+        return out.loss
+
+
+def test_equivariance_readout_logs_each_embeddings_r2_at_its_steps():
+    from star_heads.augment import PARAM_NAMES
+    from star_heads.metrics import augmentation_r2, parameter_groups
+
+    torch.manual_seed(0)
+    model = ParamsJoint(output_dim=8, cca_every=1000)
+    callback = STARLoggingCallback(every=5, equivariance_every=2)
+    emitted = []
+    original = callback._emit
+    callback._emit = lambda trainer, module, values, step: (emitted.append((step, dict(values))), original(trainer, module, values, step))
+    trainer = _trainer(7, [callback])
+    trainer.fit(model, _loader(7))
+    assert [s for s, _ in emitted] == [0, 2, 4, 5, 6]
+    groups = set(parameter_groups(PARAM_NAMES))
+    for step, values in emitted:
+        eq_keys = {k for k in values if k.startswith("star/equivariance/")}
+        routing = any(k.startswith("star/routing/") for k in values)
+        assert routing == (step % 5 == 0)  # the routine readouts keep their own period
+        if step % 2:
+            assert not eq_keys
+            continue
+        assert eq_keys == {f"star/equivariance/{t}/r2/{g}" for t in ("inv", "eq") for g in groups}
+        rec = model.steps[step]  # the same step's pairs of views and parameters, scored independently
+        for task in ("inv", "eq"):
+            want = augmentation_r2(rec[f"{task}1"], rec[f"{task}2"], rec["params1"], rec["params2"])
+            for g, r2 in want.groups.items():
+                assert values[f"star/equivariance/{task}/r2/{g}"] == pytest.approx(r2, rel=1e-4, abs=1e-6)
+
+
+def test_equivariance_readout_needs_a_joint_adapter_and_names_for_other_parameter_vectors():
+    with pytest.raises(ValueError, match="needs a STAR adapter"):
+        STARLoggingCallback(equivariance_every=1).on_fit_start(None, STARHead(10, 8, num_experts=3))
+    adapter = SimCLRAdapter(16, num_experts=2, output_dim=4, param_dim=12)
+    trainer = type("T", (), {"global_step": 0})()
+    with pytest.raises(ValueError, match="param_names= for the adapter's 12"):
+        STARLoggingCallback(equivariance_every=1).on_fit_start(trainer, adapter)
+    with pytest.raises(ValueError, match="param_names has 11 names, the adapter takes 12"):
+        from star_heads.augment import PARAM_NAMES
+
+        STARLoggingCallback(equivariance_every=1, param_names=PARAM_NAMES).on_fit_start(trainer, adapter)
+    with pytest.raises(ValueError, match="equivariance_every must be >= 0"):
+        STARLoggingCallback(equivariance_every=-1)
+    callback = STARLoggingCallback(equivariance_every=1, param_names=[f"p{i}" for i in range(12)])
+    callback.on_fit_start(trainer, adapter)  # accepted; nothing else is logged before a step
+    callback.on_fit_end(trainer, adapter)
+
+
+def test_equivariance_capture_between_its_steps_is_sync_free():
+    """With the readout on, a joint call between its steps only keeps references (meta stands in for CUDA)."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("_sync_guard", Path(__file__).resolve().parents[1] / "sync_guard.py")
+    sync_guard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync_guard)
+
+    adapter = SimCLRAdapter(16, num_experts=2, output_dim=4, cca_every=0, device="meta")
+    trainer = SimpleNamespace(global_step=1, loggers=[])
+    callback = STARLoggingCallback(every=50, equivariance_every=50)
+    callback.on_fit_start(trainer, adapter)
+    h = [torch.empty(8, 16, device="meta") for _ in range(3)]
+    p = [torch.empty(8, 11, device="meta") for _ in range(2)]
+    with sync_guard.HostSyncGuard("meta"):
+        adapter(h[1], h[2], h0=h[0], params1=p[0], params2=p[1])
+        trainer.global_step = 2
+        callback.on_train_batch_end(trainer, adapter, None, None, 0)
+    assert set(callback._last_pairs) == {"inv1", "inv2", "eq1", "eq2", "params1", "params2"}
+    assert all(t.device.type == "meta" for t in callback._last_pairs.values())
+    callback.on_fit_end(trainer, adapter)
