@@ -7,10 +7,12 @@ Grids (``GRIDS``; each a set of arms × seeds at one budget):
 =================  ===============================================================================================
 ``narrow``         embeddings a quarter of the backbone width (ConvNet width 8, d = 64 → 16-D, the paper's
                    512 → 128 ratio): STAR N = 8 and 16 beside separate heads matched to each, untrained floor
-``router-init``    the same setting, STAR-8 and STAR-16 with each router start (``SoftRouter(init=...)``: default,
+``router-init``    the same setting, STAR-16 with each router start (``SoftRouter(init=...)``: default,
                    task-distinct, noisy) beside its matched separate heads: same backbone, experts, predictor
                    and data per seed
-``long``           STAR-16 and its matched separate heads in the narrow setting, trained 4× longer
+``router-init-8``  the same for STAR-8
+``long``           STAR-16 (default and task-distinct start) and its matched separate heads in the narrow
+                   setting, trained 4× longer (64 epochs, the cosine schedule stretched to 4096 steps)
 ``standard``       the 128-D setting of the earlier grid (width 8, 1024 steps); not re-run by default
 =================  ===============================================================================================
 
@@ -124,18 +126,25 @@ STAR16_DISTINCT = Arm("star-16-distinct", "STAR N=16, task-distinct start (±3)"
 STAR16_NOISY = Arm("star-16-noisy", "STAR N=16, noisy start (N(0, 2²))", "star", 16,
                    router_init="noisy", router_init_scale=2.0)
 
+
+
+def _router_comparisons(n: int) -> tuple[tuple[str, str], ...]:
+    """Each non-default start of STAR-n against its matched separate heads and against the default start."""
+    return tuple((f"star-{n}{v}", ref) for v in ("-distinct", "-noisy") for ref in (f"sep-pm{n}", f"star-{n}"))
+
+
 BASE = {"width": 8, "output_dim": 16, "epochs": 16, "batch_size": 64, "num_train": 4096, "num_heldout": 4096,
         "steps_per_epoch": None, "lr": 0.03, "momentum": 0.9, "weight_decay": 5e-4, "lam": 1.0, "temperature": 0.2}
 GRIDS: dict[str, Grid] = {
     "narrow": Grid("narrow", "16-D embeddings of 64-D features", (RANDOM, SEP8, STAR8, SEP16, STAR16), BASE,
                    (("star-8", "sep-pm8"), ("star-16", "sep-pm16"), ("star-16", "star-8"))),
-    "router-init": Grid("router-init", "router start, 16-D embeddings",
-                        (RANDOM, SEP8, STAR8, STAR8_DISTINCT, STAR8_NOISY, SEP16, STAR16, STAR16_DISTINCT, STAR16_NOISY),
-                        BASE, tuple((f"star-{n}{v}", ref) for n in (8, 16) for v, ref in
-                                    (("-distinct", f"sep-pm{n}"), ("-noisy", f"sep-pm{n}"), ("-distinct", f"star-{n}"),
-                                     ("-noisy", f"star-{n}")))),
-    "long": Grid("long", "4× longer, 16-D embeddings", (RANDOM, SEP16, STAR16), {**BASE, "epochs": 64},
-                 (("star-16", "sep-pm16"),)),
+    "router-init": Grid("router-init", "router start, STAR-16, 16-D embeddings",
+                        (RANDOM, SEP16, STAR16, STAR16_DISTINCT, STAR16_NOISY), BASE,
+                        _router_comparisons(16)),
+    "router-init-8": Grid("router-init-8", "router start, STAR-8, 16-D embeddings",
+                          (RANDOM, SEP8, STAR8, STAR8_DISTINCT, STAR8_NOISY), BASE, _router_comparisons(8)),
+    "long": Grid("long", "4× longer, 16-D embeddings", (RANDOM, SEP16, STAR16, STAR16_DISTINCT), {**BASE, "epochs": 64},
+                 (("star-16", "sep-pm16"), ("star-16-distinct", "sep-pm16"), ("star-16-distinct", "star-16"))),
     "standard": Grid("standard", "128-D embeddings of 64-D features", (RANDOM, SEP8, STAR8, SEP16, STAR16),
                      {**BASE, "output_dim": 128}, (("star-8", "sep-pm8"), ("star-16", "sep-pm16"))),
 }
