@@ -24,20 +24,17 @@ from star_heads._checks import (
 from star_heads._precision import autocast_dtype
 from star_heads._running_stats import guarded_batch_norm
 from star_heads._value_checks import value_checks_enabled
+from star_heads.expert_layers import is_batch_norm
 
 __all__ = ["EquivariantPredictor"]
 
 PredictorKind = Literal["star", "equimod", "hyper"]
 
 
-#: BatchNorm classes that normalise ``[B, width]`` features (``nn.BatchNorm2d``/``3d`` expect images,
-#: ``nn.InstanceNorm1d`` normalises each sample on its own).
-_BATCH_NORMS = (nn.BatchNorm1d, nn.SyncBatchNorm)
-
-
 def _check_norm(norm: nn.Module, norm_layer: object) -> nn.Module:
-    """Refuses a batch/instance norm the predictor cannot apply to ``[B, width]`` features."""
-    if isinstance(norm, nn.modules.batchnorm._NormBase) and type(norm) not in _BATCH_NORMS:
+    """Refuses a batch/instance norm the predictor cannot apply to ``[B, width]`` features (the bank's list,
+    :data:`~star_heads.expert_layers.BATCH_NORMS`; unlike the bank, any other norm module is accepted)."""
+    if isinstance(norm, nn.modules.batchnorm._NormBase) and not is_batch_norm(norm):
         raise TypeError(
             f"norm_layer must normalise [B, width] features (nn.BatchNorm1d, nn.SyncBatchNorm, nn.LayerNorm, ...), "
             f"got {norm_layer!r}, which builds {type(norm).__name__}"
