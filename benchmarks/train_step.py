@@ -15,7 +15,9 @@ backbone weights and batch for every variant; views and 11-D augmentation parame
 
 The backbone is a fixed 4-stage ConvNet (width 64 → d = 512, ResNet-18's width) unless ``--backbone
 resnet18`` (torchvision) is asked for, so that results do not depend on what is installed. Also: parameters,
-bytes saved for backward, peak bytes of a step, and the cost of ``CCAMonitor(every=k)`` on the two embeddings.
+bytes saved for backward, peak bytes of a step, the cost of ``CCAMonitor(every=k)`` on the two embeddings, and
+the cost of multi-crop: the STAR step with K local crops (``h_local=``, crops at 3/7 of the image size, as
+``STARAugment``'s default) beside K = 0, for the whole step and for the adapter alone (features given).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ FULL = {"batch": 256, "image": 32, "width": 64, "experts": 16, "equimod_hidden":
 QUICK = {"batch": 32, "image": 16, "width": 8, "experts": 4, "equimod_hidden": 64, "repeats": 2, "cca_dim": 8}
 VARIANTS = ("star", "equimod", "simclr", "backbone")
 CCA_EVERY = (1, 10, 100)
+LOCAL_CROPS = (2, 6)
 MB = 2**20
 
 
@@ -147,7 +150,46 @@ def run(cfg: dict[str, Any], name: str, repeats: int) -> dict[str, Any]:
     r["head_ms"] = {k: t[k] - t["backbone"] for k in ("star", "equimod")}  # same three backbone calls
     r["cca_logging"] = cca_logging(b, cfg["cca_dim"], max(repeats, 5))
     r["cca_logging"]["share_of_star_step"] = {k: v / t["star"] for k, v in r["cca_logging"]["per_step_ms"].items()}
+    r["multicrop"] = multicrop(cfg, name, repeats)
     return r
+
+
+def multicrop(cfg: dict[str, Any], name: str, repeats: int) -> dict[str, Any]:
+    """CPU ms of the STAR step (backbone + adapter + backward + SGD) and of the adapter alone (features given,
+    forward + backward) with K = 0 and each K in ``LOCAL_CROPS`` local crops; ratios against K = 0."""
+    torch.manual_seed(0)
+    net, d = backbone(name, cfg["width"])
+    adapter = SimCLRAdapter(d, num_experts=cfg["experts"], hidden_dim=d, cca_every=0)
+    params = [*net.parameters(), *adapter.parameters()]
+    opt = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(1)
+    b, s = cfg["batch"], cfg["image"]
+    local = max(8, round(s * 3 / 7))
+    views = [torch.randn(b, 3, s, s, generator=g) for _ in range(3)]
+    crops = [torch.randn(b, 3, local, local, generator=g) for _ in range(max(LOCAL_CROPS))]
+    a1, a2 = (torch.rand(b, 11, generator=g) for _ in range(2))
+    feats = [torch.randn(b, d, generator=g, requires_grad=True) for _ in range(3 + max(LOCAL_CROPS))]
+
+    def step(k: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        h0, h1, h2 = (net(x) for x in views)
+        h_local = [net(x) for x in crops[:k]] or None
+        adapter(h1, h2, h0=h0, params1=a1, params2=a2, h_local=h_local).loss.backward()
+        opt.step()
+
+    def head(k: int) -> None:
+        adapter.zero_grad(set_to_none=True)
+        out = adapter(feats[1], feats[2], h0=feats[0], params1=a1, params2=a2, h_local=feats[3:3 + k] or None)
+        out.loss.backward()
+
+    ks = (0, *LOCAL_CROPS)
+    t_step = interleaved({str(k): (lambda k=k: step(k)) for k in ks}, repeats)
+    t_head = interleaved({str(k): (lambda k=k: head(k)) for k in ks}, max(repeats, 5))
+    step_ms = {str(k): t_step[str(k)]["cpu_ms"] for k in ks}
+    head_ms = {str(k): t_head[str(k)]["cpu_ms"] for k in ks}
+    return {"local_size": local, "step_ms": step_ms, "adapter_ms": head_ms,
+            "step_over_k0": {k: v / step_ms["0"] for k, v in step_ms.items()},
+            "adapter_over_k0": {k: v / head_ms["0"] for k, v in head_ms.items()}}
 
 
 def render(p: dict[str, Any]) -> str:
@@ -159,6 +201,9 @@ def render(p: dict[str, Any]) -> str:
              "saved": r["saved_mb"][k], "peak": r["peak_mb"][k]} for k in VARIANTS]
     cca = r["cca_logging"]
     cca_rows = [{"k": k, "ms": v, "share": f"{100 * cca['share_of_star_step'][k]:.2f} %"} for k, v in cca["per_step_ms"].items()]
+    mc = r["multicrop"]
+    mc_rows = [{"k": k, "step": mc["step_ms"][k], "srel": mc["step_over_k0"][k], "head": mc["adapter_ms"][k],
+                "hrel": mc["adapter_over_k0"][k]} for k in mc["step_ms"]]
     return "\n\n".join([
         machine_line(p["machine"]) + f" Backbone: {r['backbone']} (d = {r['feature_dim']}, "
         f"{r['params']['star']['backbone'] / 1e6:.2f} M parameters), batch {c['batch']} of {c['image']}×{c['image']} "
@@ -171,6 +216,11 @@ def render(p: dict[str, Any]) -> str:
         f"`CCAMonitor(every=k)` on z_inv, z_eq `[{cca['rows']}, {cca['dim']}]`: {cca['update_ms']:.2f} ms to accumulate a "
         f"step, {cca['compute_ms']:.1f} ms to compute a result (the null baseline is cached after the first); per step:",
         table(cca_rows, {"k": "every k", "ms": "ms per step", "share": "share of the STAR step"}),
+        f"Multi-crop: the STAR step with K local crops of {mc['local_size']}×{mc['local_size']} (`h_local=`; one "
+        "more backbone call and one more invariant head pass per crop, `1 + 2K` invariant losses) beside K = 0; "
+        "the adapter alone is its forward + backward on given features:",
+        table(mc_rows, {"k": "local crops K", "step": "step ms", "srel": "step / K = 0", "head": "adapter ms",
+                        "hrel": "adapter / K = 0"}),
     ])
 
 

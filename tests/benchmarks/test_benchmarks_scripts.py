@@ -103,7 +103,14 @@ def test_train_step_quick(tmp_path):
     assert set(cca["per_step_ms"]) == {"1", "10", "100"} and cca["update_ms"] > 0
     for k, v in cca["per_step_ms"].items():  # accumulate every step, compute once per k steps
         assert v == pytest.approx(cca["update_ms"] + cca["compute_ms"] / int(k))
-    assert "| variant | step ms |" in _section(out / "benchmarks.md", "train_step")
+    mc = r["multicrop"]  # the STAR step and adapter with K = 0, 2, 6 local crops; ratios against K = 0
+    assert set(mc["step_ms"]) == set(mc["adapter_ms"]) == {"0", "2", "6"}
+    for k in ("2", "6"):
+        assert mc["step_over_k0"][k] == pytest.approx(mc["step_ms"][k] / mc["step_ms"]["0"])
+        assert mc["adapter_over_k0"][k] == pytest.approx(mc["adapter_ms"][k] / mc["adapter_ms"]["0"])
+    assert mc["step_over_k0"]["6"] > 1  # six more backbone calls cannot be free
+    section = _section(out / "benchmarks.md", "train_step")
+    assert "| variant | step ms |" in section and "| local crops K | step ms |" in section
 
 
 def test_cca_quick(tmp_path):
