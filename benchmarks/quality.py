@@ -13,6 +13,8 @@ Grids (``GRIDS``; each a set of arms × seeds at one budget):
 ``router-init-8``  the same for STAR-8
 ``long``           STAR-16 (default and task-distinct start) and its matched separate heads in the narrow
                    setting, trained 4× longer (64 epochs, the cosine schedule stretched to 4096 steps)
+``long-dropin``    the same with ``build_head``'s default (drop-in) sizing instead of the paper's expert shape:
+                   experts d → 8 → 8 → 16, at most 2× the single head (``settings["hidden"] = "auto"``)
 ``standard``       the 128-D setting of the earlier grid (width 8, 1024 steps); not re-run by default
 =================  ===============================================================================================
 
@@ -42,6 +44,7 @@ extended (more seeds, new arms) or re-measured without retraining. A full run wr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -133,7 +136,9 @@ def _router_comparisons(n: int) -> tuple[tuple[str, str], ...]:
     return tuple((f"star-{n}{v}", ref) for v in ("-distinct", "-noisy") for ref in (f"sep-pm{n}", f"star-{n}"))
 
 
-BASE = {"width": 8, "output_dim": 16, "epochs": 16, "batch_size": 64, "num_train": 4096, "num_heldout": 4096,
+_LONG_COMPARISONS = (("star-16", "sep-pm16"), ("star-16-distinct", "sep-pm16"), ("star-16-distinct", "star-16"))
+HIDDEN = ("d", "auto")  # expert / MLP hidden width: the paper's shape (= backbone width d), or build_head's sizing
+BASE = {"width": 8, "hidden": "d", "output_dim": 16, "epochs": 16, "batch_size": 64, "num_train": 4096, "num_heldout": 4096,
         "steps_per_epoch": None, "lr": 0.03, "momentum": 0.9, "weight_decay": 5e-4, "lam": 1.0, "temperature": 0.2}
 GRIDS: dict[str, Grid] = {
     "narrow": Grid("narrow", "16-D embeddings of 64-D features", (RANDOM, SEP8, STAR8, SEP16, STAR16), BASE,
@@ -144,7 +149,9 @@ GRIDS: dict[str, Grid] = {
     "router-init-8": Grid("router-init-8", "router start, STAR-8, 16-D embeddings",
                           (RANDOM, SEP8, STAR8, STAR8_DISTINCT, STAR8_NOISY), BASE, _router_comparisons(8)),
     "long": Grid("long", "4× longer, 16-D embeddings", (RANDOM, SEP16, STAR16, STAR16_DISTINCT), {**BASE, "epochs": 64},
-                 (("star-16", "sep-pm16"), ("star-16-distinct", "sep-pm16"), ("star-16-distinct", "star-16"))),
+                 _LONG_COMPARISONS),
+    "long-dropin": Grid("long-dropin", "4× longer, drop-in head size", (RANDOM, SEP16, STAR16, STAR16_DISTINCT),
+                        {**BASE, "epochs": 64, "hidden": "auto"}, _LONG_COMPARISONS),
     "standard": Grid("standard", "128-D embeddings of 64-D features", (RANDOM, SEP8, STAR8, SEP16, STAR16),
                      {**BASE, "output_dim": 128}, (("star-8", "sep-pm8"), ("star-16", "sep-pm16"))),
 }
@@ -181,18 +188,22 @@ def build_model(arm: Arm, seed: int, settings: dict[str, Any]) -> tuple[Any, Any
     from star_heads.adapters import EquiModAdapter
     from star_heads.augment import PARAM_DIM
 
+    if settings["hidden"] not in HIDDEN:
+        raise ValueError(f"settings['hidden'] must be one of {HIDDEN}, got {settings['hidden']!r}")
     _seed_all(seed)
     backbone, dim = build_backbone("convnet", width=settings["width"])
     if arm.head is None:
         return backbone, None
     out = settings["output_dim"]
+    # "d": every expert (and the STAR reference of a matched baseline) is d -> d -> d -> out, the paper's shape
+    hidden = {"hidden_dim": dim} if settings["hidden"] == "d" else {}
     if arm.head == "equimod":
         head = SeparateHeads.equimod(dim, hidden_dim=4 * dim, output_dim=out)
     else:
         router = ({"router_init": arm.router_init, "router_init_scale": arm.router_init_scale}
                   if arm.router_init != "default" else {})
         head = build_head(arm.head, dim, output_dim=out, num_experts=arm.num_experts,
-                          match_params=arm.match_params, **router)
+                          match_params=arm.match_params, **hidden, **router)
     torch.manual_seed(seed + PREDICTOR_SEED_OFFSET)
     adapter = EquiModAdapter(dim, head=head, param_dim=PARAM_DIM, lam=settings["lam"], predictor="star", cca_every=0,
                              temperature=settings["temperature"], eq_temperature=settings["temperature"])
@@ -202,11 +213,30 @@ def build_model(arm: Arm, seed: int, settings: dict[str, Any]) -> tuple[Any, Any
 def _run_dir(runs_dir: str | Path, arm: Arm, seed: int, settings: dict[str, Any]) -> Path:
     s = settings
     tag = f"w{s['width']}-o{s['output_dim']}-e{s['epochs']}" + (f"-spe{s['steps_per_epoch']}" if s["steps_per_epoch"] else "")
+    tag += "" if s["hidden"] == "d" else f"-h{s['hidden']}"
     return Path(runs_dir) / f"{arm.name}-{tag}-s{seed}"
 
 
 def _train_key(arm: Arm, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
-    return {"arm": asdict(arm) | {"label": None}, "seed": seed, "settings": settings}
+    """What a cached run must match: the arm, seed and settings, and the parameter count of each module the
+    current code builds from them (a change to how a head is built invalidates the cache instead of being
+    reused silently)."""
+    return {"arm": asdict(arm) | {"label": None}, "seed": seed, "settings": settings,
+            "params": _model_params(arm, json.dumps(settings, sort_keys=True))}
+
+
+@functools.cache
+def _model_params(arm: Arm, settings_json: str) -> dict[str, int]:
+    import torch
+
+    from star_heads.sizing import count_parameters
+
+    with torch.random.fork_rng():  # build_model seeds the global generators
+        backbone, adapter = build_model(arm, 0, json.loads(settings_json))
+    counts = {"backbone": count_parameters(backbone)}
+    if adapter is not None:
+        counts |= {"head": count_parameters(adapter.head), "predictor": count_parameters(adapter.predictor)}
+    return counts
 
 
 def train_run(arm: Arm, seed: int, settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -512,7 +542,10 @@ def render(summary: dict[str, Any], payload: dict[str, Any]) -> str:
         f"than one; {payload['num_runs']} runs took {payload['run_time_s'] / 60:.0f} min in all (sum over runs of "
         f"training + measurement, as first run); this invocation {payload['wall_time_s'] / 60:.1f} min of wall time "
         f"({payload['reused_runs']} run(s) reused). `shapes` (plain background), ConvNet width {s['width']} "
-        f"(d = {8 * s['width']}) → **{s['output_dim']}-D embeddings**, EquiMod-style objective, {s['epochs']} epochs × "
+        f"(d = {8 * s['width']}) → **{s['output_dim']}-D embeddings**, "
+        + ("experts d → d → d → out (the paper's shape; separate heads matched to them)"
+           if s.get("hidden", "d") == "d" else "`build_head`'s default drop-in sizing (separate heads matched to it)")
+        + f", EquiMod-style objective, {s['epochs']} epochs × "
         f"{steps // s['epochs']} steps of batch {s['batch_size']} = **{steps} SGD steps** on {s['num_train']} images, "
         f"SGD {s['lr']} cosine; seeds {payload['seeds']}. CCA on {s['num_heldout']} held-out images; equivariance "
         f"readout on {m['equiv_pairs_per_image']} pairs of views of each of {m['equiv_images']} held-out images "

@@ -178,9 +178,47 @@ def test_grids_are_the_design():
     assert 4 * narrow["output_dim"] <= 8 * narrow["width"]  # embeddings at most a quarter of the features
     assert narrow["epochs"] * (narrow["num_train"] // narrow["batch_size"]) == 1024 and narrow["num_heldout"] >= 4096
     assert g["long"].settings == {**narrow, "epochs": 4 * narrow["epochs"]}
-    assert g["router-init"].settings == narrow
-    inits = {(a.num_experts, a.router_init) for a in g["router-init"].arms if a.head == "star"}
+    assert g["long-dropin"].settings == {**g["long"].settings, "hidden": "auto"}
+    assert g["router-init"].settings == g["router-init-8"].settings == narrow
+    inits = {(a.num_experts, a.router_init) for k in ("router-init", "router-init-8") for a in g[k].arms
+             if a.head == "star"}
     assert inits == {(n, i) for n in (8, 16) for i in ("default", "task-distinct", "noisy")}
     for grid in g.values():  # every STAR arm has its parameter-matched separate heads beside it
         names = {a.name for a in grid.arms}
         assert all(f"sep-pm{a.num_experts}" in names for a in grid.arms if a.head == "star")
+
+
+def test_heads_have_the_papers_expert_shape_unless_asked_for_drop_in_sizing():
+    """hidden "d": STAR experts d -> d -> d -> out and separate heads matched to that head (closed form)."""
+    from star_heads.sizing import count_parameters
+
+    settings = {**quality.QUICK, "width": 2, "output_dim": 4}
+    d, n, o = 16, 8, 4
+    _, star = quality.build_model(quality.STAR8, 0, settings)
+    # n experts of Linear(d, d, no bias) + BN(d) + Linear(d, d, no bias) + BN(d) + Linear(d, o); router d -> 2n
+    assert count_parameters(star.head) == n * (d * d + 2 * d + d * d + 2 * d + d * o + o) + d * 2 * n + 2 * n
+    _, sep = quality.build_model(quality.SEP8, 0, settings)
+    assert abs(count_parameters(sep.head) / count_parameters(star.head) - 1) <= 0.05
+    _, small = quality.build_model(quality.STAR8, 0, {**settings, "hidden": "auto"})
+    assert count_parameters(small.head) < count_parameters(star.head)
+    with pytest.raises(ValueError, match="hidden"):
+        quality.build_model(quality.STAR8, 0, {**settings, "hidden": 16})
+
+
+def test_a_cached_run_built_by_other_code_is_not_reused(monkeypatch):
+    """The cache key holds each module's parameter count as the current code builds it."""
+    settings = {**quality.QUICK, "width": 2}
+    key = quality._train_key(quality.STAR8, 0, settings)
+    assert key["params"]["head"] > 0 and key["settings"] == settings
+    assert quality._train_key(quality.STAR8, 0, {**settings, "hidden": "auto"})["params"] != key["params"]
+    quality._model_params.cache_clear()
+    real = quality.build_model
+
+    def wider(arm, seed, s):  # the same settings, but code that builds a different head
+        return real(arm, seed, {**s, "output_dim": s["output_dim"] + 1})
+
+    monkeypatch.setattr(quality, "build_model", wider)
+    try:
+        assert quality._train_key(quality.STAR8, 0, settings) != key
+    finally:
+        quality._model_params.cache_clear()
