@@ -13,7 +13,8 @@ Grids (``GRIDS``; each a set of arms × seeds at one budget):
 ``router-init-8``  the same for STAR-8
 ``long``           STAR-16 (default and task-distinct start) and its matched separate heads in the narrow
                    setting, trained 4× longer (64 epochs, the cosine schedule stretched to 4096 steps)
-``long-dropin``    the same with ``build_head``'s default (drop-in) sizing instead of the paper's expert shape:
+``long-8``         the same for STAR-8
+``long-dropin``    the long grid with ``build_head``'s default (drop-in) sizing instead of the paper's expert shape:
                    experts d → 8 → 8 → 16, at most 2× the single head (``settings["hidden"] = "auto"``)
 ``standard``       the 128-D setting of the earlier grid (width 8, 1024 steps); not re-run by default
 =================  ===============================================================================================
@@ -136,7 +137,13 @@ def _router_comparisons(n: int) -> tuple[tuple[str, str], ...]:
     return tuple((f"star-{n}{v}", ref) for v in ("-distinct", "-noisy") for ref in (f"sep-pm{n}", f"star-{n}"))
 
 
-_LONG_COMPARISONS = (("star-16", "sep-pm16"), ("star-16-distinct", "sep-pm16"), ("star-16-distinct", "star-16"))
+
+
+def _long_comparisons(n: int) -> tuple[tuple[str, str], ...]:
+    """STAR-n (default and task-distinct start) against its matched separate heads, and the two starts."""
+    return (f"star-{n}", f"sep-pm{n}"), (f"star-{n}-distinct", f"sep-pm{n}"), (f"star-{n}-distinct", f"star-{n}")
+
+
 HIDDEN = ("d", "auto")  # expert / MLP hidden width: the paper's shape (= backbone width d), or build_head's sizing
 BASE = {"width": 8, "hidden": "d", "output_dim": 16, "epochs": 16, "batch_size": 64, "num_train": 4096, "num_heldout": 4096,
         "steps_per_epoch": None, "lr": 0.03, "momentum": 0.9, "weight_decay": 5e-4, "lam": 1.0, "temperature": 0.2}
@@ -149,9 +156,11 @@ GRIDS: dict[str, Grid] = {
     "router-init-8": Grid("router-init-8", "router start, STAR-8, 16-D embeddings",
                           (RANDOM, SEP8, STAR8, STAR8_DISTINCT, STAR8_NOISY), BASE, _router_comparisons(8)),
     "long": Grid("long", "4× longer, 16-D embeddings", (RANDOM, SEP16, STAR16, STAR16_DISTINCT), {**BASE, "epochs": 64},
-                 _LONG_COMPARISONS),
+                 _long_comparisons(16)),
+    "long-8": Grid("long-8", "4× longer, STAR-8, 16-D embeddings", (RANDOM, SEP8, STAR8, STAR8_DISTINCT),
+                   {**BASE, "epochs": 64}, _long_comparisons(8)),
     "long-dropin": Grid("long-dropin", "4× longer, drop-in head size", (RANDOM, SEP16, STAR16, STAR16_DISTINCT),
-                        {**BASE, "epochs": 64, "hidden": "auto"}, _LONG_COMPARISONS),
+                        {**BASE, "epochs": 64, "hidden": "auto"}, _long_comparisons(16)),
     "standard": Grid("standard", "128-D embeddings of 64-D features", (RANDOM, SEP8, STAR8, SEP16, STAR16),
                      {**BASE, "output_dim": 128}, (("star-8", "sep-pm8"), ("star-16", "sep-pm16"))),
 }

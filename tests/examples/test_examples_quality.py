@@ -178,6 +178,7 @@ def test_grids_are_the_design():
     assert 4 * narrow["output_dim"] <= 8 * narrow["width"]  # embeddings at most a quarter of the features
     assert narrow["epochs"] * (narrow["num_train"] // narrow["batch_size"]) == 1024 and narrow["num_heldout"] >= 4096
     assert g["long"].settings == {**narrow, "epochs": 4 * narrow["epochs"]}
+    assert g["long-8"].settings == g["long"].settings
     assert g["long-dropin"].settings == {**g["long"].settings, "hidden": "auto"}
     assert g["router-init"].settings == g["router-init-8"].settings == narrow
     inits = {(a.num_experts, a.router_init) for k in ("router-init", "router-init-8") for a in g[k].arms
