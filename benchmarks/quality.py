@@ -133,8 +133,10 @@ STAR16_NOISY = Arm("star-16-noisy", "STAR N=16, noisy start (N(0, 2²))", "star"
 
 
 def _router_comparisons(n: int) -> tuple[tuple[str, str], ...]:
-    """Each non-default start of STAR-n against its matched separate heads and against the default start."""
-    return tuple((f"star-{n}{v}", ref) for v in ("-distinct", "-noisy") for ref in (f"sep-pm{n}", f"star-{n}"))
+    """The default start of STAR-n, then each other start, against its matched separate heads; each other start
+    against the default start."""
+    return ((f"star-{n}", f"sep-pm{n}"),
+            *((f"star-{n}{v}", ref) for v in ("-distinct", "-noisy") for ref in (f"sep-pm{n}", f"star-{n}")))
 
 
 
