@@ -52,6 +52,15 @@ class SoftRouter(nn.Module):
             inside the experts, each expert then normalises a different, varying sub-batch, which the
             STAR authors found unstable; use it with ``norm_layer=nn.LayerNorm`` or no norm. Gradients
             reach only the kept gates.
+        init: The router's starting bias. ``"default"``: ``nn.Linear``'s, so every task starts near the uniform
+            gate and reads the same mixture (z_inv ≈ z_eq at step 0). ``"task-distinct"``: the experts split into
+            contiguous blocks, one per task, bias ``+init_scale`` on the task's own block and ``-init_scale``
+            elsewhere. ``"noisy"``: independent ``N(0, init_scale²)`` biases per task and expert. Neither
+            alternative is in the paper. Evidence (docs/results.md, quality benchmark): task-distinct is less
+            redundant than separate heads after 1024 steps but not after 4096, and costs shape transfer there;
+            noisy costs transfer.
+        init_scale: Bias scale of ``"task-distinct"`` (default 3) or ``"noisy"`` (default 2); refused with
+            ``"default"``.
 
     Shapes:
         ``forward(x [B, d]) -> gates [B, T, N]``, each ``gates[b, t]`` sums to 1.
