@@ -136,17 +136,16 @@ class _STARLogging:
         for step, result in self._pending_cca:
             self._emit(trainer, pl_module, result.as_dict(f"{self.prefix}cca/"), step)
         self._pending_cca = []
-        due = self._capture_step % self.every == 0 or (
-            self.equivariance_every and self._capture_step % self.equivariance_every == 0)
-        if not stepped or not due:
+        routine = self._capture_step % self.every == 0
+        equivariance = bool(self.equivariance_every) and self._capture_step % self.equivariance_every == 0
+        if not stepped or not (routine or equivariance):
             return
         values: dict[str, float] = {}
-        routine = self._capture_step % self.every == 0
         if routine and self._last_gates is not None:
             values.update(routing_stats(self._last_gates, tasks=self._tasks or None).as_dict(f"{self.prefix}routing/"))
         if routine and self.collapse and self._last_embeddings:
             values.update(collapse_stats(self._last_embeddings).as_dict(f"{self.prefix}collapse/"))
-        if self.equivariance_every and self._capture_step % self.equivariance_every == 0 and self._last_pairs:
+        if equivariance and self._last_pairs:
             values.update(self._equivariance(self._last_pairs))
         self._last_gates, self._last_embeddings, self._last_pairs = None, {}, {}
         if values:

@@ -43,6 +43,17 @@ class JointModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+def _sync_guard():
+    """tests/sync_guard.py, loaded by path: in the client tier the name `tests` is solo-learn's tests/ package."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_sync_guard", Path(__file__).resolve().parents[1] / "sync_guard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _trainer(steps, callbacks=()):
     return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
@@ -206,15 +217,9 @@ def test_the_callback_logs_once_per_optimiser_step_under_gradient_accumulation()
 
 def test_capture_and_non_logging_steps_are_sync_free():
     """Between logging steps the callback only keeps references: no host read (meta stands in for CUDA)."""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
-    # by path: in the client tier the name `tests` is solo-learn's tests/ package (its helpers are used there)
-    spec = importlib.util.spec_from_file_location("_sync_guard", Path(__file__).resolve().parents[1] / "sync_guard.py")
-    sync_guard = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sync_guard)
-    HostSyncGuard = sync_guard.HostSyncGuard
+    HostSyncGuard = _sync_guard().HostSyncGuard
 
     head = STARHead(10, 8, num_experts=3, device="meta")
     trainer = SimpleNamespace(global_step=1, loggers=[])
@@ -298,14 +303,9 @@ def test_equivariance_readout_needs_a_joint_adapter_and_names_for_other_paramete
 
 def test_equivariance_capture_between_its_steps_is_sync_free():
     """With the readout on, a joint call between its steps only keeps references (meta stands in for CUDA)."""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("_sync_guard", Path(__file__).resolve().parents[1] / "sync_guard.py")
-    sync_guard = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sync_guard)
-
+    sync_guard = _sync_guard()
     adapter = SimCLRAdapter(16, num_experts=2, output_dim=4, cca_every=0, device="meta")
     trainer = SimpleNamespace(global_step=1, loggers=[])
     callback = STARLoggingCallback(every=50, equivariance_every=50)
