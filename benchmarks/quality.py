@@ -457,7 +457,17 @@ def run_one(arm: Arm, seed: int, runs_dir: str, settings: dict[str, Any], measur
     info = train_run(arm, seed, settings, run_dir)
     if measure is None:
         return None
-    return measure_run(arm, seed, settings, measure, run_dir, info)
+    return {**measure_run(arm, seed, settings, measure, run_dir, info), **_routing_at_end(info)}
+
+
+def _routing_at_end(info: dict[str, Any]) -> dict[str, Any]:
+    """The last epoch's mean gate ``[T][N]`` of a routed head, and the share of each task's gate on the other
+    task's half of the experts (the half the task-distinct start biases against; 0.5 for uniform gates)."""
+    gates = info["metrics"][-1].get("gate_mean") if info.get("metrics") else None
+    if gates is None or len(gates) != 2:
+        return {}
+    half = len(gates[0]) // 2
+    return {"gate_mean": gates, "other_half_gate": [sum(gates[0][half:]), sum(gates[1][:half])]}
 
 
 def _ms(values: list[float | None], scale: float = 1.0, digits: int = 3) -> str:
@@ -501,7 +511,7 @@ def summarize(rows: list[dict[str, Any]], arms: list[Arm], comparisons: tuple[tu
     names = [a.name for a in arms if any(r["arm"] == a.name for r in rows)]
     trained = [n for n in names if n != "random"]
     tasks = [t for t in TASKS if all(t in r["acc"] for r in rows)]
-    per_arm, equiv = [], []
+    per_arm, equiv, routing = [], [], []
     for a in arms:
         rs = [r for r in rows if r["arm"] == a.name]
         if not rs:
@@ -520,6 +530,11 @@ def summarize(rows: list[dict[str, Any]], arms: list[Arm], comparisons: tuple[tu
             equiv.append({"arm": a.name, "label": a.label, **{
                 f"{w}_{t}_{g}": _ms([_r2(r, t, g, w) for r in joint], digits=2)
                 for w in ("step0", "final") for t in ("inv", "eq") for g in groups}})
+        routed = [r for r in rs if r.get("other_half_gate")]
+        if routed:
+            routing.append({"arm": a.name, "label": a.label,
+                             **{t: _ms([r["other_half_gate"][i] for r in routed]) + f" (max {max(r['other_half_gate'][i] for r in routed):.3f})"
+                                for i, t in enumerate(("inv", "eq"))}})
     gains, judged = [], []
     for t in tasks:
         per = {n: paired(rows, n, "random", lambda r, t=t: r["acc"][t]) for n in trained} if "random" in names else {}
@@ -533,7 +548,7 @@ def summarize(rows: list[dict[str, Any]], arms: list[Arm], comparisons: tuple[tu
             continue
         metrics = {**CCA_METRICS, **{t: (lambda r, t=t: r["acc"][t]) for t in tasks}}
         cmps.append({"a": a, "b": b, **{m: paired(rows, a, b, f) for m, f in metrics.items()}})
-    return {"per_arm": per_arm, "equivariance": equiv, "gains": gains, "judged_tasks": judged, "comparisons": cmps,
+    return {"per_arm": per_arm, "equivariance": equiv, "routing": routing, "gains": gains, "judged_tasks": judged, "comparisons": cmps,
             "tasks": tasks}
 
 
@@ -585,6 +600,10 @@ def render(summary: dict[str, Any], payload: dict[str, Any]) -> str:
                "augmentation parameters from z_b − z_a, per group; 1 = encoded linearly, 0 = not at all):")
     parts = [head, table(summary["per_arm"], cols), eq_text, table(summary["equivariance"], eq_cols),
              "The same at step 0:", table(summary["equivariance"], eq0_cols)]
+    if summary.get("routing"):
+        parts += ["Routing at the end: share of each task's mean gate on the other task's half of the experts (the "
+                  "half the task-distinct start biases against; 0.5 = no preference), mean ± sd and max over seeds:",
+                  table(summary["routing"], {"label": "head", "inv": "inv on the eq half", "eq": "eq on the inv half"})]
     if "random" in [a["arm"] for a in summary["per_arm"]]:
         gain_text = ("Gain of each pretrained arm over the untrained backbone of the same seed (accuracy points, "
                      "mean ± sd; in brackets the seeds where it is positive). A task is judged when every arm's gain "

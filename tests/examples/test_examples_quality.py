@@ -88,6 +88,16 @@ def test_cca_and_equivariance_rows_are_consistent(quick):
         # The run's own last-epoch metric is the same statistic of the same model on the same images.
         assert traj[-1]["cca_mean"] == pytest.approx(r["final"]["cca_mean"], abs=1e-6)
     assert abs(rows["sep-pm8"]["head_params"] / rows["star-8"]["head_params"] - 1) <= 0.05
+    # Routing at the end: the run's last-epoch mean gates, and each task's share on the other task's half
+    assert "gate_mean" not in rows["sep-pm8"] and "other_half_gate" not in rows["random"]
+    for name in ("star-8", "star-8-noisy"):
+        r, info = rows[name], json.loads((out / "runs" / f"{name}-w4-o16-e2-spe2-s0" / "train.json").read_text())
+        gates = info["metrics"][-1]["gate_mean"]
+        assert r["gate_mean"] == gates and all(sum(g) == pytest.approx(1.0, abs=1e-5) for g in gates)
+        assert r["other_half_gate"] == pytest.approx([sum(gates[0][4:]), sum(gates[1][:4])])
+    routing = {e["arm"] for e in payload["summary"]["routing"]}
+    assert routing == {"star-8", "star-8-noisy"}
+    assert "| head | inv on the eq half | eq on the inv half |" in (out / "results.md").read_text()
     # Both routers start near-uniform and identical by default, so z_inv ≈ z_eq; a noisy start separates them.
     assert rows["star-8-noisy"]["step0"]["cca_mean"] < rows["star-8"]["step0"]["cca_mean"]
 
